@@ -1,0 +1,25 @@
+# The two commands of the README:
+#   make run   - set everything up (first time: ~5 min to build llama.cpp with RPC) and
+#                start the demo: a head + 2 local workers serving SmolLM2 on :8080
+#   make test  - set everything up and run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.anyway-ready
+ARGS   ?=
+
+.PHONY: run test setup lint clean bench image
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/bootstrap.sh
+	touch $@
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/anyway up $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

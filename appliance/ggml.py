@@ -1,0 +1,168 @@
+"""ctypes access to the ggml backend and RPC functions inside llama-cpp-python's libraries.
+
+llama-cpp-python binds llama.h but not ggml-backend.h / ggml-rpc.h. The symbols are
+resolved through libllama's own handle (`llama_cpp.llama_cpp._lib`): a separate
+`ctypes.CDLL("libggml.so")` registers RPC devices that llama.cpp then never uses
+(verified, see docs/ARCHITECTURE.md). Importing this module imports llama_cpp, so
+only processes that need ggml import it (the RPC server, the engine, the worker's
+device probe), never the API server's hot path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+
+
+class LlamaLibError(RuntimeError):
+    """llama-cpp-python is missing or was built without what the appliance needs."""
+
+
+@lru_cache(maxsize=1)
+def lib() -> Any:
+    try:
+        import llama_cpp
+        from llama_cpp import llama_cpp as _ll
+    except ImportError as exc:  # pragma: no cover - bootstrap installs it
+        raise LlamaLibError(f"llama-cpp-python is not installed: {exc}") from None
+    if not llama_cpp.llama_supports_rpc():
+        raise LlamaLibError(
+            "llama-cpp-python was built without the RPC backend; rebuild it with "
+            "CMAKE_ARGS=-DGGML_RPC=ON (make does this: delete .venv and run make again)"
+        )
+    L = _ll._lib
+    vp, cp, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+    sigs: dict[str, tuple[list[Any], Any]] = {
+        "ggml_backend_load_all": ([], None),
+        "ggml_backend_dev_count": ([], sz),
+        "ggml_backend_dev_get": ([sz], vp),
+        "ggml_backend_dev_by_type": ([ctypes.c_int], vp),
+        "ggml_backend_dev_name": ([vp], cp),
+        "ggml_backend_dev_description": ([vp], cp),
+        "ggml_backend_dev_memory": ([vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
+        "ggml_backend_dev_type": ([vp], ctypes.c_int),
+        "ggml_backend_register": ([vp], None),
+        "ggml_backend_reg_dev_count": ([vp], sz),
+        "ggml_backend_reg_dev_get": ([vp, sz], vp),
+        "ggml_backend_rpc_add_server": ([cp], vp),
+        "ggml_backend_rpc_start_server": ([cp, cp, sz, sz, ctypes.POINTER(vp)], None),
+        "ggml_backend_rpc_get_device_memory": ([cp, ctypes.c_uint32, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
+    }
+    for name, (args, res) in sigs.items():
+        fn = getattr(L, name)
+        fn.argtypes = args
+        fn.restype = res
+    return L
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    name: str
+    description: str
+    type: str
+    free_bytes: int
+    total_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "description": self.description,
+            "type": self.type,
+            "free_bytes": self.free_bytes,
+            "total_bytes": self.total_bytes,
+        }
+
+
+def _memory(L: Any, dev: int) -> tuple[int, int]:
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    L.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return int(free.value), int(total.value)
+
+
+def local_devices() -> list[Device]:
+    """The devices this process's ggml sees (CPU, and GPUs when built with a GPU backend)."""
+    L = lib()
+    L.ggml_backend_load_all()
+    out = []
+    for i in range(L.ggml_backend_dev_count()):
+        d = L.ggml_backend_dev_get(i)
+        free, total = _memory(L, d)
+        out.append(
+            Device(
+                index=i,
+                name=(L.ggml_backend_dev_name(d) or b"").decode(errors="replace"),
+                description=(L.ggml_backend_dev_description(d) or b"").decode(errors="replace"),
+                type=DEVICE_TYPES.get(L.ggml_backend_dev_type(d), "unknown"),
+                free_bytes=free,
+                total_bytes=total,
+            )
+        )
+    return out
+
+
+def serving_device_indices(devices: list[Device]) -> list[int]:
+    """What a worker exposes over RPC: its GPUs if it has any, else its CPU."""
+    gpus = [d.index for d in devices if d.type in ("gpu", "igpu")]
+    if gpus:
+        return gpus[:1]
+    return [d.index for d in devices if d.type == "cpu"][:1]
+
+
+def start_rpc_server(*, endpoint: str, cache_dir: str | None, n_threads: int, device_indices: list[int]) -> None:
+    """Serve ggml RPC on `endpoint` forever (this call never returns)."""
+    L = lib()
+    L.ggml_backend_load_all()
+    devs = [L.ggml_backend_dev_get(i) for i in device_indices]
+    arr = (ctypes.c_void_p * len(devs))(*devs)
+    L.ggml_backend_rpc_start_server(
+        endpoint.encode(),
+        cache_dir.encode() if cache_dir else None,
+        max(n_threads, 1),
+        len(devs),
+        arr,
+    )
+
+
+def register_rpc_servers(endpoints: list[str]) -> int:
+    """Register each endpoint's devices with ggml, in order; returns the device count added."""
+    L = lib()
+    L.ggml_backend_load_all()
+    added = 0
+    for ep in endpoints:
+        reg = L.ggml_backend_rpc_add_server(ep.encode())
+        if not reg:
+            raise LlamaLibError(f"could not add RPC server {ep}")
+        L.ggml_backend_register(reg)
+        added += int(L.ggml_backend_reg_dev_count(reg))
+    return added
+
+
+@lru_cache(maxsize=1)
+def rpc_protocol_version() -> str:
+    """The ggml RPC protocol version this build speaks (from the installed ggml-rpc.h)."""
+    import llama_cpp
+
+    base = Path(llama_cpp.__file__).resolve().parent
+    for candidate in (base.parent / "include" / "ggml-rpc.h", base / "include" / "ggml-rpc.h"):
+        if candidate.is_file():
+            text = candidate.read_text(errors="replace")
+            parts = [
+                re.search(rf"#define\s+RPC_PROTO_{p}_VERSION\s+(\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")
+            ]
+            if all(parts):
+                return ".".join(m.group(1) for m in parts if m)
+    return "unknown"
+
+
+def llama_cpp_version() -> str:
+    import llama_cpp
+
+    return str(llama_cpp.__version__)

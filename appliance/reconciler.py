@@ -1,0 +1,203 @@
+"""The self-stabilizing core: desired state, actual state, and the actions between them.
+
+Two pure functions, no I/O:
+
+* `desired_state(...)` turns config + live membership + model profile (+ the plan in
+  use, for hysteresis) into the plan the cluster should run, or the reason it cannot.
+* `reconcile(...)` compares that with the engine's actual state and returns the actions
+  that move actual towards desired: start the engine with a plan, stop it, or wait.
+
+The head's loop (`head.py`) calls both every RECONCILE_INTERVAL_S and executes the
+actions. Because the decision is recomputed from scratch each time, the cluster
+converges from any state (worker died, worker rejoined, engine crashed, head restarted),
+and a converged state yields no action (tested as a property).
+
+Hysteresis against reload storms:
+  * a node in the loaded plan that is only suspect or re-joining holds the plan (no
+    re-plan) — it is either back soon or declared dead;
+  * new nodes join the plan only once they are ALIVE, i.e. after a settle time that
+    doubles with each recent death (membership.py);
+  * free-memory jitter never re-plans: the plan changes only when the set of usable
+    nodes changes;
+  * engine (re)starts go through a crash-loop guard with exponential backoff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from .config import Timing
+from .planner import NodeCapacity, Plan, PlanError, Strategy, make_plan
+from .profile import ModelProfile
+
+EngineState = Literal["stopped", "starting", "loading", "serving", "stopping", "failed"]
+RUNNING_STATES = ("starting", "loading", "serving")
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the reconciler needs to know about one member."""
+
+    name: str
+    endpoint: str
+    state: str  # membership.NodeState value
+    rpc_ready: bool
+    cordoned: bool
+    plannable_bytes: int
+    speed: float = 1.0
+    state_age_s: float = 0.0  # time in the current state
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "alive" and self.rpc_ready and not self.cordoned
+
+
+@dataclass(frozen=True)
+class Desired:
+    plan: Plan | None
+    considered: frozenset[str] = frozenset()  # usable nodes the plan was made from
+    hold: str = ""  # a plan node is suspect/re-joining: keep the plan, don't (re)start yet
+    degraded: str = ""  # no plan possible: why
+
+
+@dataclass(frozen=True)
+class EngineView:
+    state: EngineState
+    plan: Plan | None = None
+    considered: frozenset[str] = frozenset()
+    started_at: float = 0.0
+    last_progress_at: float = 0.0
+    busy: bool = False
+
+
+@dataclass(frozen=True)
+class StartEngine:
+    plan: Plan
+    considered: frozenset[str]
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopEngine:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    reason: str
+
+
+Action = StartEngine | StopEngine | Wait
+
+
+def _plan_for(
+    usable: Sequence[NodeView], *, profile: ModelProfile, n_ctx: int, head_memory: int, strategy: Strategy
+) -> Plan:
+    caps = [NodeCapacity(name=n.name, free_bytes=n.plannable_bytes, speed=n.speed, endpoint=n.endpoint) for n in usable]
+    if head_memory > 0:
+        caps.insert(0, NodeCapacity(name="head", free_bytes=head_memory, is_head=True))
+    return make_plan(nodes=caps, profile=profile, n_ctx=n_ctx, strategy=strategy)
+
+
+def desired_state(
+    *,
+    nodes: Sequence[NodeView],
+    profile: ModelProfile,
+    n_ctx: int,
+    head_memory: int = 0,
+    strategy: Strategy = "proportional",
+    current: Plan | None = None,
+    current_considered: frozenset[str] = frozenset(),
+    force_replan: bool = False,
+    join_wait_s: float = 10.0,
+) -> Desired:
+    by_name = {n.name: n for n in nodes}
+    usable = [n for n in nodes if n.usable]
+    usable_names = frozenset(n.name for n in usable)
+    # Nodes that just announced themselves: plan once they are in, not twice.
+    gathering = sorted(
+        n.name for n in nodes if n.state == "joining" and not n.cordoned and n.state_age_s < join_wait_s
+    )
+
+    if current is not None and not force_replan:
+        in_plan = [a.node for a in current.rpc_assignments]
+        lost = [
+            name
+            for name in in_plan
+            if name not in by_name
+            or by_name[name].state in ("dead", "left", "refused")
+            or by_name[name].cordoned
+            or by_name[name].endpoint != current.rpc_assignments[in_plan.index(name)].endpoint
+        ]
+        if not lost:
+            shaky = [
+                name for name in in_plan if by_name[name].state != "alive" or not by_name[name].rpc_ready
+            ]
+            if shaky:
+                return Desired(
+                    plan=current,
+                    considered=current_considered,
+                    hold=f"waiting for {', '.join(sorted(shaky))} ({', '.join(by_name[n].state for n in sorted(shaky))})",
+                )
+            if usable_names <= current_considered:
+                return Desired(plan=current, considered=current_considered)
+            if gathering:
+                return Desired(plan=current, considered=current_considered)
+            # New usable nodes: fall through and re-plan with them.
+    elif current is None and gathering:
+        return Desired(plan=None, hold=f"waiting for {', '.join(gathering)} to finish joining")
+
+    if not usable:
+        waiting = [n.name for n in nodes if n.state in ("joining", "suspect")]
+        why = "no worker is ready" + (f" ({', '.join(sorted(waiting))} joining)" if waiting else "")
+        if head_memory > 0:
+            try:
+                plan = _plan_for([], profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy)
+                return Desired(plan=plan, considered=frozenset())
+            except PlanError as exc:
+                return Desired(plan=None, degraded=f"{why}; {exc}")
+        return Desired(plan=None, degraded=why)
+    try:
+        plan = _plan_for(usable, profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy)
+    except PlanError as exc:
+        return Desired(plan=None, considered=usable_names, degraded=str(exc))
+    if current is not None and plan.key() == current.key():
+        return Desired(plan=current, considered=usable_names)
+    return Desired(plan=plan, considered=usable_names)
+
+
+def reconcile(
+    *,
+    desired: Desired,
+    engine: EngineView,
+    restart_allowed: bool,
+    timing: Timing,
+    now: float,
+) -> list[Action]:
+    running = engine.state in RUNNING_STATES
+    if engine.state == "stopping":
+        return [Wait("engine is stopping")]
+    if desired.plan is None:
+        if not desired.degraded:
+            return [Wait(desired.hold or "no plan yet")]
+        if running:
+            return [StopEngine(f"degraded: {desired.degraded}")]
+        return [Wait(f"degraded: {desired.degraded}")]
+    if running and (engine.plan is None or engine.plan.key() != desired.plan.key()):
+        return [StopEngine("re-plan: the layout changed")]
+    if desired.hold and engine.state != "serving":
+        if running:
+            return [StopEngine(f"engine cannot finish while {desired.hold}")] if engine.state == "loading" and (
+                now - engine.started_at > timing.ENGINE_LOAD_TIMEOUT_S
+            ) else [Wait(desired.hold)]
+        return [Wait(desired.hold)]
+    if engine.state == "loading" and now - engine.started_at > timing.ENGINE_LOAD_TIMEOUT_S:
+        return [StopEngine(f"model load took over {timing.ENGINE_LOAD_TIMEOUT_S:.0f}s")]
+    if engine.state == "serving" and engine.busy and now - engine.last_progress_at > timing.ENGINE_STALL_TIMEOUT_S:
+        return [StopEngine(f"no decode progress for {timing.ENGINE_STALL_TIMEOUT_S:.0f}s")]
+    if running:
+        return []
+    if not restart_allowed:
+        return [Wait("engine restart backoff")]
+    return [StartEngine(desired.plan, desired.considered, "engine not running")]

@@ -1,0 +1,136 @@
+"""Head-side text handling: tokenize, apply the model's chat template, detokenize, stop.
+
+The API server never holds the weights (the engine does, in another process); it loads
+the model's vocabulary only (`vocab_only=True`, a few MB) so that it can count prompt
+tokens for the context check, keep each request as tokens (what makes resumption after
+an engine restart exact), and turn sampled token ids back into text incrementally.
+Chat formatting uses the GGUF's own Jinja template the same way llama-cpp-python's
+`Llama.create_chat_completion` does, so the prompt tokens are identical.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+GENERIC_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class TemplateError(ValueError):
+    """The chat template rejected the messages (e.g. roles not alternating)."""
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    text: str
+    add_bos: bool
+    stop: tuple[str, ...]
+
+
+class Tokenizer:
+    def __init__(self, model_path: str) -> None:
+        import llama_cpp
+        from llama_cpp import _logger as llama_logger
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llama_logger.set_verbose(False)
+        self._ll = llama_cpp.llama_cpp
+        self._llm = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
+        self._vocab = self._ll.llama_model_get_vocab(self._llm._model.model)
+        model = self._llm._model
+        eos_id, bos_id = model.token_eos(), model.token_bos()
+        self.eos_token = model.token_get_text(eos_id) if eos_id != -1 else ""
+        self.bos_token = model.token_get_text(bos_id) if bos_id != -1 else ""
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        self.has_template = bool(template)
+        self._formatter = Jinja2ChatFormatter(
+            template=template or GENERIC_TEMPLATE,
+            eos_token=self.eos_token,
+            bos_token=self.bos_token,
+            stop_token_ids=[eos_id],
+        )
+        self._buf = ctypes.create_string_buffer(256)
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Tokens of `text`; BOS only if the model asks for it (llama.cpp's add_special)."""
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def format_chat(self, messages: Sequence[dict[str, Any]]) -> ChatPrompt:
+        try:
+            result = self._formatter(messages=list(messages))
+        except Exception as exc:  # noqa: BLE001 - jinja raises many kinds
+            raise TemplateError(f"the model's chat template rejected the messages: {exc}") from None
+        stop = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
+        return ChatPrompt(text=result.prompt, add_bos=not result.added_special, stop=tuple(s for s in stop if s))
+
+    def piece(self, token: int) -> bytes:
+        n = self._ll.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self._vocab, token, big, len(big), 0, False)
+            return big.raw[:n]
+        return self._buf.raw[:n]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+class Detokenizer:
+    """Turns a stream of token ids into text deltas, never splitting a UTF-8 character."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.pending = b""
+
+    def push(self, token: int) -> str:
+        self.pending += self.tok.piece(token)
+        # Emit the longest prefix that is complete UTF-8.
+        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
+            try:
+                text = self.pending[:cut].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            self.pending = self.pending[cut:]
+            return text
+        return ""
+
+    def flush(self) -> str:
+        text = self.pending.decode("utf-8", errors="replace")
+        self.pending = b""
+        return text
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text; holds back text that may start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        """Returns text safe to emit now; sets `hit` when a stop string appeared."""
+        if not self.stops:
+            return text
+        buf = self.held + text
+        first = min(((buf.find(s), s) for s in self.stops if s in buf), default=None)
+        if first is not None:
+            self.hit = True
+            self.held = ""
+            return buf[: first[0]]
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out

@@ -1,0 +1,46 @@
+"""Test helpers: a small model derived from the demo model, and cluster fixtures' plumbing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+
+def derive_model(src: Path, dst: Path, *, n_layers: int) -> Path:
+    """Write a copy of `src` keeping only its first `n_layers` blocks (same tokenizer)."""
+    if dst.exists():
+        return dst
+    reader = gguf.GGUFReader(str(src), "r")
+    arch = reader.fields["general.architecture"].contents()
+    tmp = dst.with_suffix(".part")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        value = field.contents()
+        if field.name == f"{arch}.block_count":
+            value = n_layers
+        if field.name == "general.name":
+            value = f"{value} ({n_layers} layers, test)"
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+    keep = []
+    for t in reader.tensors:
+        if t.name.startswith("blk."):
+            if int(t.name.split(".")[1]) >= n_layers:
+                continue
+        keep.append(t)
+    for t in keep:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in keep:
+        writer.write_tensor_data(np.asarray(t.data), tensor_endianess=reader.endianess)
+    writer.close()
+    os.replace(tmp, dst)
+    return dst

@@ -1,0 +1,150 @@
+"""Placement planner: a pure function, tested with tables of cases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.planner import GIB, MIB, NodeCapacity, Plan, PlanError, make_plan, parse_bytes
+from appliance.profile import ModelProfile
+
+LAYER = 100 * MIB
+
+
+def model(n_layers: int = 10, *, kv: int = 1024) -> ModelProfile:
+    return ModelProfile(
+        path="m.gguf",
+        file_bytes=n_layers * LAYER + 200 * MIB,
+        architecture="llama",
+        name="m",
+        n_layers=n_layers,
+        layer_bytes=(LAYER,) * n_layers,
+        input_bytes=50 * MIB,
+        output_bytes=50 * MIB,
+        kv_bytes_per_token_per_layer=kv,
+        context_length=4096,
+        embedding_length=1024,
+        vocab_size=32000,
+        has_chat_template=True,
+    )
+
+
+def W(name: str, free: int, speed: float = 1.0) -> NodeCapacity:
+    return NodeCapacity(name=name, free_bytes=free, speed=speed, endpoint=f"10.0.0.{ord(name[-1]) % 200}:50052")
+
+
+def layers(plan: Plan) -> dict[str, int]:
+    return {a.node: a.n_layers for a in plan.assignments if a.n_layers}
+
+
+@pytest.mark.parametrize(
+    "nodes, n_ctx, strategy, expected",
+    [
+        pytest.param([W("a", 4 * GIB), W("b", 4 * GIB)], 2048, "proportional", {"a": 5, "b": 5}, id="equal-nodes"),
+        pytest.param(
+            [W("a", 2 * GIB), W("b", 4 * GIB), W("c", 2 * GIB)], 2048, "proportional", {"a": 3, "b": 5, "c": 2},
+            id="unequal-memory",
+        ),
+        pytest.param([W("a", 4 * GIB), W("tiny", 120 * MIB)], 2048, "proportional", {"a": 10}, id="node-too-small-for-a-layer"),
+        pytest.param(
+            [W("a", 4 * GIB, speed=3.0), W("b", 4 * GIB)], 2048, "proportional", {"a": 8, "b": 2},
+            id="speed-weight-proportional",
+        ),
+        pytest.param(
+            [W("fast", 3 * GIB, speed=3.0), W("slow", 4 * GIB, speed=1.0)], 2048, "speed", {"fast": 10},
+            id="speed-strategy-fills-fastest",
+        ),
+        pytest.param(
+            [W("fast", 700 * MIB, speed=3.0), W("slow", 4 * GIB, speed=1.0)], 2048, "speed", {"fast": 5, "slow": 5},
+            id="speed-strategy-fastest-up-to-memory",
+        ),
+        pytest.param(
+            [NodeCapacity(name="head", free_bytes=1 * GIB, is_head=True), W("a", 4 * GIB)], 2048, "proportional",
+            {"head": 2, "a": 8}, id="head-holds-first-layers",
+        ),
+    ],
+)
+def test_plan_cases(nodes: list[NodeCapacity], n_ctx: int, strategy: str, expected: dict[str, int]) -> None:
+    plan = make_plan(nodes=nodes, profile=model(), n_ctx=n_ctx, strategy=strategy)  # type: ignore[arg-type]
+    assert layers(plan) == expected
+    # Contiguous ranges covering every layer exactly once, in device order.
+    start = 0
+    for a in plan.assignments:
+        assert a.start == start
+        start = a.end
+        assert a.total_bytes <= a.free_bytes, f"{a.node} over its memory"
+    assert start == 10
+
+
+def test_tensor_split_matches_llama_cpp_layout() -> None:
+    plan = make_plan(nodes=[W("a", 2 * GIB), W("b", 4 * GIB)], profile=model(), n_ctx=2048)
+    # llama.cpp counts the output as layer n_layer on the last device.
+    rpc = plan.rpc_assignments
+    assert plan.tensor_split == [float(rpc[0].n_layers), float(rpc[1].n_layers + 1)]
+    assert plan.n_gpu_layers == 11
+    assert plan.output_node == rpc[-1].node
+    headed = make_plan(
+        nodes=[NodeCapacity(name="head", free_bytes=GIB, is_head=True), W("a", 4 * GIB)], profile=model(), n_ctx=2048
+    )
+    assert headed.n_gpu_layers == 11 - headed.head_layers
+    assert headed.tensor_split == [float(headed.rpc_assignments[0].n_layers + 1)]
+
+
+def test_model_too_big_says_need_have_and_fix() -> None:
+    with pytest.raises(PlanError) as exc:
+        make_plan(nodes=[W("a", 400 * MIB), W("b", 400 * MIB)], profile=model(), n_ctx=2048)
+    msg = str(exc.value)
+    assert "does not fit" in msg and "need about" in msg and "have 800.0 MiB free" in msg
+    assert "add a node with at least" in msg
+    assert exc.value.needed_bytes > exc.value.available_bytes
+
+
+def test_context_size_changes_the_fit() -> None:
+    big_kv = model(kv=64 * 1024)  # 64 KiB per token per layer
+    nodes = [W("a", 2 * GIB), W("b", 2 * GIB)]
+    make_plan(nodes=nodes, profile=big_kv, n_ctx=1024)
+    with pytest.raises(PlanError) as exc:
+        make_plan(nodes=nodes, profile=big_kv, n_ctx=8192)
+    assert "lower the context to" in str(exc.value)
+    small = make_plan(nodes=nodes, profile=big_kv, n_ctx=1024)
+    assert sum(a.kv_bytes for a in small.assignments) == 64 * 1024 * 1024 * 10
+
+
+def test_no_nodes() -> None:
+    with pytest.raises(PlanError, match="no nodes"):
+        make_plan(nodes=[], profile=model(), n_ctx=2048)
+
+
+def test_plan_is_deterministic_and_roundtrips() -> None:
+    nodes = [W("a", 3 * GIB), W("b", 5 * GIB), W("c", 1 * GIB)]
+    p1 = make_plan(nodes=nodes, profile=model(), n_ctx=2048)
+    p2 = make_plan(nodes=nodes, profile=model(), n_ctx=2048)
+    assert p1 == p2 and p1.key() == p2.key()
+    assert Plan.from_dict(json.loads(json.dumps(p1.to_dict()))).key() == p1.key()
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("8G", 8 * GIB), ("512M", 512 * MIB), ("1.5GiB", int(1.5 * GIB)), ("1000", 1000), ("2gb", 2 * GIB)],
+)
+def test_parse_bytes(text: str, value: int) -> None:
+    assert parse_bytes(text) == value
+
+
+def test_cli_plan(demo_model: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "appliance", "plan", str(demo_model), "--node", "a=1G", "--node", "b=2G:2", "--json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    assert sum(a["n_layers"] for a in plan["assignments"]) == 30
+    res = subprocess.run(
+        [sys.executable, "-m", "appliance", "plan", str(demo_model), "--node", "a=100M"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 2 and "does not fit" in res.stderr and "Traceback" not in res.stderr
