@@ -1,0 +1,1 @@
+"""Anyway's terminal dashboard (Textual). It reads the head's HTTP API only."""
