@@ -1,0 +1,121 @@
+"""Membership and failure detector: the node state machine, driven by messages and time."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.config import Timing
+from appliance.membership import Membership, NodeState, Refusal
+from appliance.protocol import PROTOCOL_MAJOR
+
+T = Timing().with_interval(0.5)  # suspect after 2 s, dead after 5 s, settle 1 s
+
+
+def hello(name: str = "w1", node_id: str = "id-1", **over):  # type: ignore[no-untyped-def]
+    body = {
+        "name": name, "node_id": node_id, "hostname": name, "protocol": PROTOCOL_MAJOR, "rpc_protocol": "7.0.0",
+        "version": "0.1.0", "rpc_port": 50052, "rpc_host": "10.0.0.5", "rpc_ready": True,
+        "memory": {"total": 8 << 30, "free": 6 << 30, "plannable": 6 << 30}, "devices": [{"name": "CPU", "type": "cpu"}],
+    }
+    body.update(over)
+    return body
+
+
+def fresh() -> Membership:
+    return Membership(timing=T, rpc_protocol="7.0.0", package_version="0.1.0")
+
+
+def test_join_settle_alive_suspect_dead_rejoin() -> None:
+    m = fresh()
+    node, events = m.hello(identity=b"a", body=hello(), peer_address="10.0.0.5", now=0.0)
+    assert node.state == NodeState.JOINING and [e.kind for e in events] == ["join"]
+    assert node.rpc_endpoint == "10.0.0.5:50052" and node.plannable_bytes == 6 << 30
+    assert m.tick(0.5) == []  # settling
+    assert [e.kind for e in m.tick(1.1)] == ["alive"]
+    m.heartbeat(identity=b"a", body={"rpc_ready": True}, now=1.5)
+    assert [e.kind for e in m.tick(3.6)] == ["suspect"]
+    _, ev = m.heartbeat(identity=b"a", body={}, now=3.7)
+    assert [e.kind for e in ev] == ["recovered"] and node.state == NodeState.ALIVE
+    assert [e.kind for e in m.tick(9.0)] == ["dead"]
+    assert node.state == NodeState.DEAD and not node.rpc_ready
+    # The same process comes back (e.g. it was SIGSTOPped, then continued).
+    _, ev = m.heartbeat(identity=b"a", body={"rpc_ready": True}, now=10.0)
+    assert [e.kind for e in ev] == ["rejoin"] and node.state == NodeState.JOINING
+    # One recent death: the settle time doubles before it is planned again.
+    assert m.tick(11.5) == []
+    assert [e.kind for e in m.tick(12.1)] == ["alive"]
+
+
+def test_restarted_worker_is_a_rejoin_with_new_identity() -> None:
+    m = fresh()
+    m.hello(identity=b"a", body=hello(node_id="one"), peer_address="10.0.0.5", now=0.0)
+    m.tick(2.0)
+    node, events = m.hello(identity=b"b", body=hello(node_id="two"), peer_address="10.0.0.5", now=3.0)
+    assert [e.kind for e in events] == ["rejoin"] and node.state == NodeState.JOINING
+    assert m.by_identity == {b"b": "w1"}
+
+
+def test_flapping_node_settles_longer_each_time() -> None:
+    m = fresh()
+    settles = []
+    now = 0.0
+    for i in range(4):
+        m.hello(identity=f"id{i}".encode(), body=hello(node_id=f"n{i}"), peer_address="10.0.0.5", now=now)
+        node = m.nodes["w1"]
+        settles.append(m.settle_s(node, now))
+        now += 6.0
+        m.tick(now)  # silent: dies
+        assert node.state == NodeState.DEAD
+    assert settles == sorted(settles) and settles[-1] > settles[0]
+    assert max(settles) <= T.FLAP_SETTLE_MAX_S
+
+
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        pytest.param({"rpc_protocol": "6.1.0"}, "ggml RPC protocol 6.1.0", id="rpc-version-mismatch"),
+        pytest.param({"protocol": PROTOCOL_MAJOR + 1}, "control protocol", id="control-protocol-mismatch"),
+        pytest.param({"name": ""}, "name", id="empty-name"),
+        pytest.param({"name": "two words"}, "name", id="name-with-space"),
+        pytest.param({"rpc_port": 70000}, "rpc_port", id="bad-port"),
+        pytest.param({"rpc_port": "50052"}, "rpc_port", id="port-not-int"),
+        pytest.param({"node_id": None}, "node_id", id="missing-node-id"),
+    ],
+)
+def test_refusals_are_recorded_with_reason(override: dict, reason: str) -> None:  # type: ignore[type-arg]
+    m = fresh()
+    with pytest.raises(Refusal) as exc:
+        m.hello(identity=b"x", body=hello(**override), peer_address="10.0.0.9", now=0.0)
+    assert reason in exc.value.reason
+    assert m.nodes == {}
+    refused = list(m.refused.values())
+    assert len(refused) == 1 and refused[0].state == NodeState.REFUSED and reason in refused[0].reason
+
+
+def test_name_clash_from_another_address_is_refused() -> None:
+    m = fresh()
+    m.hello(identity=b"a", body=hello(node_id="one"), peer_address="10.0.0.5", now=0.0)
+    with pytest.raises(Refusal, match="already used"):
+        m.hello(identity=b"b", body=hello(node_id="two", rpc_host="10.0.0.6"), peer_address="10.0.0.6", now=1.0)
+
+
+def test_unknown_heartbeat_is_ignored_and_bye_leaves() -> None:
+    m = fresh()
+    assert m.heartbeat(identity=b"ghost", body={}, now=0.0) == (None, [])
+    m.hello(identity=b"a", body=hello(), peer_address="10.0.0.5", now=0.0)
+    assert [e.kind for e in m.bye(identity=b"a", now=1.0)] == ["left"]
+    assert m.nodes["w1"].state == NodeState.LEFT
+
+
+def test_unreachable_rpc_makes_suspect_at_once() -> None:
+    m = fresh()
+    m.hello(identity=b"a", body=hello(), peer_address="10.0.0.5", now=0.0)
+    m.tick(1.5)
+    ev = m.mark_unreachable("w1", now=1.6, reason="RPC port refused")
+    assert [e.kind for e in ev] == ["suspect"] and m.nodes["w1"].state == NodeState.SUSPECT
+
+
+def test_garbage_in_resource_fields_is_ignored() -> None:
+    m = fresh()
+    node, _ = m.hello(identity=b"a", body=hello(memory="lots", devices="gpu", speed=-3, load=[1]), peer_address="10.0.0.5", now=0.0)
+    assert node.plannable_bytes == 0 and node.devices == [] and node.speed == 1.0 and node.load == {}

@@ -1,0 +1,32 @@
+"""Control-plane frames: well-formed messages round-trip, anything else is rejected cleanly."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance import protocol as P
+
+
+def test_roundtrip() -> None:
+    msg = P.decode(P.encode(P.HELLO, {"name": "w1"}), allowed=P.WORKER_TYPES)
+    assert msg.type == P.HELLO and msg.body == {"name": "w1"}
+
+
+@pytest.mark.parametrize(
+    "frames, why",
+    [
+        pytest.param([b"garbage"], "expected 3 frames", id="one-frame"),
+        pytest.param([P.PROTOCOL, P.HELLO, b"{}", b"extra"], "expected 3 frames", id="four-frames"),
+        pytest.param([b"HTTP/1.1", P.HELLO, b"{}"], "unknown protocol", id="wrong-protocol"),
+        pytest.param([b"ANYWAY/0", P.HELLO, b"{}"], "version mismatch", id="old-protocol"),
+        pytest.param([P.PROTOCOL, b"LAUNCH_MISSILES", b"{}"], "unknown message type", id="unknown-type"),
+        pytest.param([P.PROTOCOL, P.WELCOME, b"{}"], "unknown message type", id="head-type-from-worker"),
+        pytest.param([P.PROTOCOL, P.HELLO, b"\xff\xfe"], "not JSON", id="not-utf8"),
+        pytest.param([P.PROTOCOL, P.HELLO, b"{bad json"], "not JSON", id="bad-json"),
+        pytest.param([P.PROTOCOL, P.HELLO, b"[1,2]"], "not a JSON object", id="json-array"),
+        pytest.param([P.PROTOCOL, P.HELLO, b"{" + b" " * P.MAX_BODY_BYTES + b"}"], "too large", id="too-large"),
+    ],
+)
+def test_bad_frames(frames: list[bytes], why: str) -> None:
+    with pytest.raises(P.BadFrame, match=why):
+        P.decode(frames, allowed=P.WORKER_TYPES)
