@@ -91,6 +91,37 @@ class ControlServer:
         self.sock = s
         log.info("control_listening", bind=self.bind, curve=self.keys is not None)
 
+    async def monitor_loop(self) -> None:
+        """Report failed CurveZMQ handshakes (a node holding another cluster's keys)."""
+        assert self.sock is not None
+        if self.keys is None:
+            return
+        from zmq.utils.monitor import parse_monitor_message
+
+        mon = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        )
+        last: dict[str, float] = {}
+        try:
+            while True:
+                ev = parse_monitor_message(await mon.recv_multipart())
+                if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    continue  # the ZAP handler already reported it, with the key
+                where = ev.get("endpoint", b"")
+                where = where.decode(errors="replace") if isinstance(where, bytes) else str(where)
+                now = time.monotonic()
+                if now - last.get(where, -1e9) < 30:
+                    continue  # a refused node retries; one event per 30 s is enough
+                last[where] = now
+                self.on_events(
+                    [Event("refused", "", f"a connection on {where} was refused: CURVE handshake failed "
+                                         "(a node with another cluster's keys?)")]
+                )
+        except (zmq.ZMQError, asyncio.CancelledError):
+            pass
+        finally:
+            mon.close(linger=0)
+
     def _refused_key(self, address: str, key_prefix: str) -> None:
         self.on_events([Event("refused", "", f"connection from {address or '?'} refused: unknown cluster key {key_prefix}…")])
 

@@ -147,6 +147,7 @@ class Head:
         tasks = [
             asyncio.create_task(self.control.recv_loop(), name="control-recv"),
             asyncio.create_task(self.control.heartbeat_loop(), name="control-hb"),
+            asyncio.create_task(self.control.monitor_loop(), name="control-monitor"),
             asyncio.create_task(self.engine.recv_loop(), name="engine-recv"),
             asyncio.create_task(self.reconcile_loop(), name="reconcile"),
             asyncio.create_task(serve(app, host=self.cfg.api_host, port=self.cfg.api_port), name="api"),

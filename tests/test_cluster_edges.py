@@ -1,0 +1,193 @@
+"""Edges of the cluster's life on real processes: head restart, not enough capacity,
+wrong keys, version-mismatched nodes, garbage on the control plane, API keys."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import zmq
+from openai import OpenAI
+
+from appliance import protocol as P
+from appliance.keys import init_keys, load_worker_keys
+from appliance.planner import MIB, NodeCapacity, PlanError, make_plan
+from appliance.profile import load_profile
+
+from conftest import N_CTX
+
+
+def chat_ok(url: str, api_key: str = "x") -> str:
+    c = OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)
+    mid = c.models.list().data[0].id
+    r = c.chat.completions.create(model=mid, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0)
+    assert r.choices[0].message.content
+    return r.choices[0].message.content
+
+
+def layered(state: dict[str, Any]) -> set[str]:
+    return {n["name"] for n in state["nodes"] if n.get("layers")}
+
+
+def test_head_restart_rebuilds_membership(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(tiny_model, workers=2)
+    c.wait_serving(nodes=2)
+    first = chat_ok(c.url)
+    c.procs["head"].send_signal(signal.SIGKILL)
+    c.procs["head"].wait(timeout=10)
+    c.restart("head")  # a fresh head with no stored state
+    state = c.wait(lambda s: s["health"]["status"] == "ok" and layered(s) == {"w1", "w2"},
+                   timeout_s=90, what="workers re-announced to the new head")
+    assert state["uptime_s"] < 90
+    assert chat_ok(c.url) == first
+
+
+def _cap_for(profile_path: Path, n_nodes: int) -> int:
+    """Smallest per-node memory with which `n_nodes` equal workers hold the model."""
+    prof = load_profile(profile_path)
+    lo, hi = 10 * MIB, 4096 * MIB
+    while hi - lo > MIB:
+        mid = (lo + hi) // 2
+        nodes = [NodeCapacity(name=f"w{i}", free_bytes=mid, endpoint=f"h:{i}") for i in range(n_nodes)]
+        try:
+            make_plan(nodes=nodes, profile=prof, n_ctx=N_CTX * 4)
+            hi = mid
+        except PlanError:
+            lo = mid
+    return hi
+
+
+def test_not_enough_capacity_gives_503_then_recovers(make_cluster, demo_model: Path) -> None:  # type: ignore[no-untyped-def]
+    cap = _cap_for(demo_model, 3) + 4 * MIB
+    assert cap < _cap_for(demo_model, 2), "two capped workers must not hold the model"
+    c = make_cluster(demo_model, workers=3, memory=str(cap))
+    c.wait_serving(nodes=3)
+    c.procs["w3"].send_signal(signal.SIGKILL)
+    state = c.wait(lambda s: s["health"]["status"] == "degraded", timeout_s=30, what="degraded")
+    assert "does not fit" in state["health"]["reason"]
+    health = httpx.get(f"{c.url}/health")
+    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    r = httpx.post(f"{c.url}/v1/chat/completions", json={
+        "model": state["model"]["id"], "messages": [{"role": "user", "content": "Hi"}]}, timeout=30)
+    assert r.status_code == 503
+    assert r.headers["Retry-After"].isdigit()
+    err = r.json()["error"]
+    assert err["code"] == "cluster_degraded" and "does not fit" in err["message"]
+    c.restart("w3")
+    c.wait(lambda s: s["health"]["status"] == "ok" and layered(s) == {"w1", "w2", "w3"},
+           timeout_s=60, what="recovered when w3 returned")
+    chat_ok(c.url)
+
+
+@pytest.mark.parametrize("which", ["other-cluster", "unknown-client-key"])
+def test_worker_with_wrong_keys_cannot_join(make_cluster, tiny_model: Path, tmp_path: Path, which: str) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(tiny_model, workers=1)
+    c.wait_serving(nodes=1)
+    other = init_keys(tmp_path / "other-cluster")
+    if which == "unknown-client-key":
+        # The head's public key is right, but this client key is not on the head's allow-list.
+        (other / "server.key").write_bytes((c.keys / "server.key").read_bytes())
+    c.start_worker("intruder", extra=["--keys", str(other)])
+    expect = "unknown cluster key" if which == "unknown-client-key" else "CURVE handshake failed"
+
+    def refused(_: dict[str, Any]) -> bool:
+        events = httpx.get(f"{c.url}/v1/events").json()["events"]
+        return any(e["kind"] == "refused" and expect in e["message"] for e in events)
+
+    c.wait(refused, timeout_s=30, what="refusal event")
+    state = c.cluster_state()
+    assert state is not None and [n["name"] for n in state["nodes"]] == ["w1"]
+    deadline = time.monotonic() + 15
+    while "head_not_answering" not in c.logs["intruder"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = c.logs["intruder"].read_text()
+    assert "head_not_answering" in log and "cluster keys" in log
+    assert "accepted_by_head" not in log
+
+
+def _dealer(c: Any) -> zmq.Socket:  # type: ignore[type-arg]
+    keys = load_worker_keys(c.keys)
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.curve_secretkey, s.curve_publickey, s.curve_serverkey = keys.secret, keys.public, keys.server_public
+    s.setsockopt(zmq.LINGER, 5_000)  # close() waits until what was queued is sent
+    s.setsockopt(zmq.RCVTIMEO, 10_000)
+    s.connect(c.control)
+    return s
+
+
+def test_version_mismatched_node_is_refused_with_reason(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(tiny_model, workers=1)
+    c.wait_serving(nodes=1)
+    s = _dealer(c)
+    try:
+        s.send_multipart(P.encode(P.HELLO, {
+            "name": "oldbox", "node_id": "x1", "protocol": P.PROTOCOL_MAJOR, "rpc_protocol": "3.0.0",
+            "version": "0.0.1", "rpc_port": 50052, "rpc_host": "127.0.0.1",
+        }))
+        reply = P.decode(s.recv_multipart(), allowed=P.HEAD_TYPES)
+    finally:
+        s.close()
+    assert reply.type == P.REFUSE and "ggml RPC protocol 3.0.0" in reply.body["reason"]
+    state = c.cluster_state()
+    assert state is not None
+    old = next(n for n in state["nodes"] if n["name"] == "oldbox")
+    assert old["state"] == "refused" and "RPC protocol" in old["reason"] and old["versions"]["rpc_protocol"] == "3.0.0"
+    assert layered(state) == {"w1"}
+
+
+def test_garbage_on_the_control_plane_is_dropped(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(tiny_model, workers=1)
+    c.wait_serving(nodes=1)
+    s = _dealer(c)
+    garbage = [
+        [b"hello"],
+        [P.PROTOCOL, b"NOPE", b"{}"],
+        [P.PROTOCOL, P.HELLO, b"\xff\xfe\x00"],
+        [P.PROTOCOL, P.HEARTBEAT, b"[1, 2]"],
+        [P.PROTOCOL, P.HELLO, b'{"name": 5}'],
+        [os.urandom(64), os.urandom(64), os.urandom(64), os.urandom(64)],
+    ]
+    try:
+        for frames in garbage:
+            s.send_multipart(frames)
+    finally:
+        s.close()
+    # Raw bytes from something that does not speak ZMTP at all.
+    with socket.create_connection(("127.0.0.1", c.control_port), timeout=5) as raw:
+        raw.sendall(os.urandom(4096))
+    deadline = time.monotonic() + 20
+    bad = 0.0
+    while time.monotonic() < deadline:
+        for line in httpx.get(f"{c.url}/metrics").text.splitlines():
+            if line.startswith("anyway_control_bad_frames_total "):
+                bad = float(line.split()[1])
+        if bad >= 4:
+            break
+        time.sleep(0.3)
+    assert bad >= 4
+    assert c.procs["head"].poll() is None
+    state = c.wait(lambda st: st["health"]["status"] == "ok", timeout_s=20, what="still serving")
+    assert layered(state) == {"w1"}
+    chat_ok(c.url)
+
+
+def test_api_key_protects_the_api(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(tiny_model, workers=1, head_args=["--api-key", "s3cret"])
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{c.url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    r = httpx.get(f"{c.url}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{c.url}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    chat_ok(c.url, api_key="s3cret")
