@@ -21,5 +21,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
 
+# Benchmarks (not part of make test): make bench ARGS="--hetero" or ARGS="--lan"
+$(VENV)/.anyway-bench: $(STAMP)
+	PYTHON=$(PYTHON) VENV=$(VENV) EXTRAS=test,bench bash scripts/bootstrap.sh
+	touch $@
+
+bench: $(VENV)/.anyway-bench
+	$(VENV)/bin/python -m bench.run $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

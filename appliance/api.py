@@ -259,8 +259,14 @@ def build_app(head: "Head") -> FastAPI:
                 param=param,
                 code="context_length_exceeded",
             )
+        limit = head.cfg.max_tokens
+        if limit and max_tokens is not None and max_tokens > limit:
+            raise ApiError(
+                400, f"max_tokens is {max_tokens}, above this server's per-request limit of {limit}",
+                param=param, code="invalid_value",
+            )
         if max_tokens is None:
-            return n_ctx - prompt_len
+            return min(n_ctx - prompt_len, limit) if limit else n_ctx - prompt_len
         if prompt_len + max_tokens > n_ctx:
             raise ApiError(
                 400,

@@ -242,6 +242,7 @@ def cmd_head(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body,
         run_dir=args.run_dir or "",
         model_name=args.model_name or "",
+        max_tokens=args.max_tokens,
         timing=_timing(args),
     )
     head = Head(cfg, keys=keys)
@@ -266,6 +267,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         max_memory_bytes=_bytes_arg(str(args.max_memory)) if args.max_memory else 0,
         speed=args.speed,
+        rpc_advertise=args.rpc_advertise or "",
         timing=_timing(args),
     )
     return run_worker(cfg, keys=keys)
@@ -362,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node", action="append", default=[], metavar="NAME=MEM[:SPEED]")
     s.add_argument("--head", metavar="MEM", help="memory the head's own CPU lends to layers")
     s.add_argument("--ctx", type=int, default=DEFAULT_N_CTX, help="context size in tokens")
-    s.add_argument("--strategy", choices=["proportional", "speed"], default="proportional")
+    s.add_argument("--strategy", choices=["memory", "proportional", "speed"], default="proportional")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
@@ -386,7 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="context per request, tokens")
     s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="requests decoded together")
     s.add_argument("--head-memory", default="", help="memory the head's CPU lends to layers (0: none)")
-    s.add_argument("--strategy", choices=["proportional", "speed"], default="proportional")
+    s.add_argument(
+        "--strategy",
+        choices=["memory", "proportional", "speed"],
+        default="speed",
+        help="speed: minimise time per token with the workers' measured speeds (default); "
+        "memory: split by free memory like llama.cpp; proportional: memory x speed weight",
+    )
+    s.add_argument("--max-tokens", type=int, default=0, help="per-request completion limit (0: the context)")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or ANYWAY_API_KEY)")
     s.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
@@ -403,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", help="tensor cache directory")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--max-memory", default="", help="cap the memory offered to the cluster")
-    s.add_argument("--speed", type=float, default=0.0, help="relative speed weight (default: 1)")
+    s.add_argument("--speed", type=float, default=0.0, help="speed to report (default: measured at start-up)")
+    s.add_argument("--rpc-advertise", help="HOST:PORT the head should use to reach the RPC server (NAT, proxy)")
     _add_common_cluster(s)
     s.set_defaults(func=cmd_worker)
 
@@ -417,7 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-memory", default="", help="memory each local worker offers, e.g. 200M")
     s.add_argument("--worker-threads", type=int, default=1)
     s.add_argument("--heartbeat-interval", type=float, default=None)
-    s.add_argument("--strategy", choices=["proportional", "speed"], default="proportional")
+    s.add_argument(
+        "--strategy",
+        choices=["memory", "proportional", "speed"],
+        default="memory",
+        help="local workers share one CPU, so the demo splits by memory",
+    )
     s.add_argument("--state-dir", default=None, help="where logs, keys and caches go")
     s.add_argument("--no-tui", action="store_true", help="run headless (no dashboard)")
     s.set_defaults(func=cmd_up)

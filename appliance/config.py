@@ -68,7 +68,8 @@ class HeadConfig:
     n_ctx: int = DEFAULT_N_CTX  # per request (per sequence)
     max_batch: int = DEFAULT_MAX_BATCH
     head_memory_bytes: int = 0  # memory the head's own CPU lends to layers (0: none)
-    strategy: str = "proportional"
+    strategy: str = "speed"
+    max_tokens: int = 0  # per-request completion limit (0: up to the context)
     engine_threads: int = 0  # 0: llama.cpp's default
     keys_dir: str | None = None
     api_key: str | None = None

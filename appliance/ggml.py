@@ -166,3 +166,76 @@ def llama_cpp_version() -> str:
     import llama_cpp
 
     return str(llama_cpp.__version__)
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+GGML_TYPE_F32 = 0
+GGML_TYPE_Q8_0 = 8
+
+
+def measure_speed(*, device_index: int, n_threads: int, seconds: float = 0.4) -> float:
+    """A short fixed workload on one device through ggml's backend API: GFLOP/s.
+
+    A Q8_0 [4096 x 4096] weight times 8 activation columns is what a batched decode step
+    does to one quantized projection: it measures what the device (and the thread count or
+    CPU quota it runs under) actually delivers to the RPC server, not a synthetic peak.
+    """
+    L = lib()
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    for name, args, res in (
+        ("ggml_tensor_overhead", [], sz),
+        ("ggml_graph_overhead", [], sz),
+        ("ggml_init", [_InitParams], vp),
+        ("ggml_free", [vp], None),
+        ("ggml_new_tensor_2d", [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], vp),
+        ("ggml_mul_mat", [vp, vp, vp], vp),
+        ("ggml_new_graph", [vp], vp),
+        ("ggml_build_forward_expand", [vp, vp], None),
+        ("ggml_backend_dev_init", [vp, ctypes.c_char_p], vp),
+        ("ggml_backend_free", [vp], None),
+        ("ggml_backend_alloc_ctx_tensors", [vp, vp], vp),
+        ("ggml_backend_buffer_clear", [vp, ctypes.c_uint8], None),
+        ("ggml_backend_buffer_free", [vp], None),
+        ("ggml_backend_graph_compute", [vp, vp], ctypes.c_int),
+    ):
+        fn = getattr(L, name)
+        fn.argtypes, fn.restype = args, res
+    L.ggml_backend_load_all()
+    dev = L.ggml_backend_dev_get(device_index)
+    backend = L.ggml_backend_dev_init(dev, None)
+    if not backend:
+        raise LlamaLibError(f"cannot initialise device {device_index}")
+    if DEVICE_TYPES.get(L.ggml_backend_dev_type(dev)) == "cpu":
+        set_threads = getattr(L, "ggml_backend_cpu_set_n_threads")
+        set_threads.argtypes, set_threads.restype = [vp, ctypes.c_int], None
+        set_threads(backend, max(n_threads, 1))
+    k, n, cols = 4096, 4096, 8
+    ctx = L.ggml_init(_InitParams(L.ggml_tensor_overhead() * 8 + L.ggml_graph_overhead(), None, True))
+    buf = None
+    try:
+        w = L.ggml_new_tensor_2d(ctx, GGML_TYPE_Q8_0, k, n)
+        x = L.ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k, cols)
+        y = L.ggml_mul_mat(ctx, w, x)
+        graph = L.ggml_new_graph(ctx)
+        L.ggml_build_forward_expand(graph, y)
+        buf = L.ggml_backend_alloc_ctx_tensors(ctx, backend)
+        L.ggml_backend_buffer_clear(buf, 0)
+        import time
+
+        L.ggml_backend_graph_compute(backend, graph)  # warm-up
+        runs, t0 = 0, time.perf_counter()
+        while True:
+            L.ggml_backend_graph_compute(backend, graph)
+            runs += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds and runs >= 3:
+                break
+        return 2.0 * k * n * cols * runs / elapsed / 1e9
+    finally:
+        if buf:
+            L.ggml_backend_buffer_free(buf)
+        L.ggml_free(ctx)
+        L.ggml_backend_free(backend)

@@ -128,6 +128,12 @@ class Membership:
                     f"(install the same llama-cpp-python on every node)"
                 )
             address = str(body.get("rpc_host") or peer_address or "")
+            advertise = body.get("rpc_advertise")
+            if isinstance(advertise, str) and advertise:
+                host, sep, port_s = advertise.rpartition(":")
+                if not sep or not port_s.isdigit() or not host or not 0 < int(port_s) < 65536:
+                    raise Refusal(f"bad rpc_advertise {advertise!r} (want HOST:PORT)")
+                address, rpc_port = host.strip("[]"), int(port_s)
             if not address:
                 raise Refusal("no address to reach the node's RPC server")
             existing = self.nodes.get(name)

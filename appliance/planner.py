@@ -17,12 +17,15 @@ So with integer layer counts as `tensor_split` (the last device counting the out
 one more), device i gets exactly its count and the output lands on the last RPC device
 (seen in llama.cpp's load log: docs/ARCHITECTURE.md, "Layer placement").
 
-Two strategies:
-  * "proportional": layers in proportion to usable memory x speed weight (llama.cpp's
-    default split is memory-proportional; the weight lets an operator favour a box);
+Three strategies:
+  * "memory": layers in proportion to usable memory, like llama.cpp's default split;
+  * "proportional": layers in proportion to usable memory x speed weight (the weight lets
+    an operator favour a box);
   * "speed": minimise the time per token, sum(layers_i / speed_i), under the memory
     limits: fill the fastest nodes first (RPC evaluates the layers one node after the
     other, so per-token time is a sum and the fastest box should do as much as it can).
+    Speeds are measured, hence noisy: nodes within 30% of each other form one class and
+    share its layers in proportion to memory, as the proportional strategy would.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ COMPUTE_BASE_RESERVE_BYTES = 48 * MIB
 DEFAULT_UBATCH = 512
 LOGIT_BYTES = 4
 
-Strategy = Literal["proportional", "speed"]
+Strategy = Literal["memory", "proportional", "speed"]
 
 
 class PlanError(Exception):
@@ -246,18 +249,40 @@ def _proportional(weights: Sequence[float], caps: Sequence[int], total: int) -> 
     return counts
 
 
-def _fastest_first(speeds: Sequence[float], caps: Sequence[int], total: int, output_idx: int) -> list[int]:
+SPEED_CLASS_TOLERANCE = 0.3  # speeds within 30% of a class's fastest count as equal
+
+
+def speed_classes(speeds: Sequence[float], *, tolerance: float = SPEED_CLASS_TOLERANCE) -> list[list[int]]:
+    """Group node indices by speed, fastest first; measured speeds are noisy, so nodes
+    within `tolerance` of their class's fastest are treated as equally fast."""
+    order = sorted(range(len(speeds)), key=lambda i: (-speeds[i], i))
+    classes: list[list[int]] = []
+    for i in order:
+        if classes and speeds[i] >= speeds[classes[-1][0]] * (1 - tolerance):
+            classes[-1].append(i)
+        else:
+            classes.append([i])
+    return classes
+
+
+def _fastest_first(
+    speeds: Sequence[float], caps: Sequence[int], rooms: Sequence[float], total: int, output_idx: int
+) -> list[int]:
+    """Minimise sum(layers_i / speed_i): fill the fastest class first, proportionally to
+    room inside a class (equal speeds: any split costs the same; spread like llama.cpp)."""
     counts = [0] * len(speeds)
     remaining = total
     if caps[output_idx] > 0:  # llama.cpp puts the output only on a device that holds a layer
         counts[output_idx] = 1
         remaining -= 1
-    # Fastest first; among equals the output device (it is used anyway), then the one
-    # that can take the most: fewer nodes means fewer network hops per token.
-    for i in sorted(range(len(speeds)), key=lambda i: (-speeds[i], i != output_idx, -caps[i], i)):
-        take = min(caps[i] - counts[i], remaining)
-        counts[i] += take
-        remaining -= take
+    for cls in speed_classes(speeds):
+        if remaining <= 0:
+            break
+        left_caps = [caps[i] - counts[i] for i in cls]
+        share = _proportional([max(rooms[i], 1.0) for i in cls], left_caps, min(remaining, sum(left_caps)))
+        for i, c in zip(cls, share):
+            counts[i] += c
+            remaining -= c
     return counts
 
 
@@ -267,10 +292,11 @@ def _allocate(
     caps = [_cap(n, profile, n_ctx, output=(i == output_idx)) for i, n in enumerate(nodes)]
     if sum(caps) < profile.n_layers:
         return None
+    rooms = [float(_room(n, profile, n_ctx, output=(i == output_idx))) for i, n in enumerate(nodes)]
     if strategy == "speed":
-        return _fastest_first([n.speed for n in nodes], caps, profile.n_layers, output_idx)
+        return _fastest_first([n.speed for n in nodes], caps, rooms, profile.n_layers, output_idx)
     weights = [
-        _room(n, profile, n_ctx, output=(i == output_idx)) * max(n.speed, 0.0) if caps[i] > 0 else 0.0
+        rooms[i] * (1.0 if strategy == "memory" else max(n.speed, 0.0)) if caps[i] > 0 else 0.0
         for i, n in enumerate(nodes)
     ]
     if sum(weights) <= 0:
@@ -322,8 +348,8 @@ def make_plan(
     """Place every layer of `profile` on `nodes`; raise `PlanError` if it cannot fit."""
     if n_ctx <= 0:
         raise PlanError(f"context size must be positive, got {n_ctx}")
-    if strategy not in ("proportional", "speed"):
-        raise PlanError(f"unknown strategy {strategy!r} (use 'proportional' or 'speed')")
+    if strategy not in ("memory", "proportional", "speed"):
+        raise PlanError(f"unknown strategy {strategy!r} (use 'memory', 'proportional' or 'speed')")
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
         raise PlanError(f"node names must be unique, got {names}")
@@ -336,7 +362,7 @@ def make_plan(
     for n in nodes:
         reserve, extra = _fixed_bytes(profile, n_ctx, head=n.is_head, output=False)
         need = reserve + extra + one_layer
-        if n.speed <= 0:
+        if n.speed <= 0 and strategy != "memory":
             excluded.append((n.name, "speed weight is 0"))
         elif n.free_bytes < need and not n.is_head:
             excluded.append((n.name, f"too small for one layer (needs {fmt_bytes(need)}, has {fmt_bytes(n.free_bytes)})"))

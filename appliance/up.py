@@ -53,8 +53,9 @@ class LocalCluster:
         api_port: int = 0,
         n_ctx: int = 2048,
         max_batch: int = 4,
-        strategy: str = "proportional",
+        strategy: str = "memory",
         heartbeat_interval: float | None = None,
+        control_bind_host: str = "127.0.0.1",
     ) -> None:
         self.model = Path(model)
         self.state_dir = Path(state_dir)
@@ -65,22 +66,25 @@ class LocalCluster:
         self.api_host = api_host
         self.api_port = api_port or free_port(api_host)
         self.control_port = free_port()
-        self.control = f"tcp://127.0.0.1:{self.control_port}"
+        self.control_bind = f"tcp://{control_bind_host}:{self.control_port}"
+        self.control = f"tcp://127.0.0.1:{self.control_port}"  # where local workers connect
         self.n_ctx, self.max_batch, self.strategy = n_ctx, max_batch, strategy
         self.hb = ["--heartbeat-interval", str(heartbeat_interval)] if heartbeat_interval else []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, list[str]] = {}
+        self.wrappers: dict[str, list[str]] = {}
         self.logs: dict[str, Path] = {}
 
     @property
     def url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
 
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, args: list[str], *, wrapper: list[str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `anyway ARGS` as `name`; `wrapper` prefixes the command (e.g. to enter a cgroup or netns)."""
         log_path = self.state_dir / f"{name}.log"
         fh = open(log_path, "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", *args],
+            [*(wrapper or []), sys.executable, "-m", "appliance", *args],
             stdin=subprocess.DEVNULL,
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -88,6 +92,7 @@ class LocalCluster:
         )
         fh.close()
         self.procs[name], self.args[name], self.logs[name] = proc, args, log_path
+        self.wrappers[name] = wrapper or []
         return proc
 
     def start_head(self, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
@@ -98,7 +103,7 @@ class LocalCluster:
                 "--model",
                 str(self.model),
                 "--control",
-                self.control,
+                self.control_bind,
                 "--host",
                 self.api_host,
                 "--port",
@@ -119,7 +124,13 @@ class LocalCluster:
         )
 
     def start_worker(
-        self, name: str, *, memory: str = "", threads: int = 1, extra: list[str] | None = None
+        self,
+        name: str,
+        *,
+        memory: str = "",
+        threads: int = 1,
+        extra: list[str] | None = None,
+        wrapper: list[str] | None = None,
     ) -> subprocess.Popen[bytes]:
         args = [
             "worker",
@@ -141,14 +152,14 @@ class LocalCluster:
             *(["--max-memory", memory] if memory else []),
             *(extra or []),
         ]
-        return self.spawn(name, args)
+        return self.spawn(name, args, wrapper=wrapper)
 
     def restart(self, name: str) -> subprocess.Popen[bytes]:
         """Start `name` again with the same arguments (a rebooted box)."""
         old = self.procs.get(name)
         if old is not None and old.poll() is None:
             terminate(old, grace_s=3)
-        return self.spawn(name, self.args[name])
+        return self.spawn(name, self.args[name], wrapper=self.wrappers.get(name))
 
     def stop(self) -> None:
         for proc in self.procs.values():

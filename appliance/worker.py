@@ -45,6 +45,7 @@ class WorkerConfig:
     threads: int = 0
     max_memory_bytes: int = 0  # 0: no cap
     speed: float = 0.0  # 0: measure at start-up
+    rpc_advertise: str = ""  # HOST:PORT the head dials instead (NAT, port forward, proxy)
     timing: Timing = Timing()
 
 
@@ -180,6 +181,7 @@ class WorkerAgent:
         self.rpc_protocol = "unknown"
         self.llama_version = ""
         self.speed = cfg.speed or 1.0
+        self.speed_source = "configured"
         self.welcomed = False
         self.stopping = asyncio.Event()
         self.refusal = ""
@@ -191,7 +193,16 @@ class WorkerAgent:
 
         self.rpc_protocol = ggml.rpc_protocol_version()
         self.llama_version = ggml.llama_cpp_version()
-        self.devices = [d.to_dict() for d in ggml.local_devices()]
+        devices = ggml.local_devices()
+        self.devices = [d.to_dict() for d in devices]
+        if not self.cfg.speed:
+            # Once, at start-up: what this box's RPC device delivers, under its thread
+            # count and CPU quota. The head's speed-aware planner compares these.
+            idx = ggml.serving_device_indices(devices)[0]
+            threads = self.cfg.threads or (os.cpu_count() or 1)
+            self.speed = round(ggml.measure_speed(device_index=idx, n_threads=threads), 2)
+            self.speed_source = "measured"
+            log.info("speed_measured", gflops=self.speed, device=devices[idx].name, threads=threads)
 
     def memory(self) -> dict[str, int]:
         vm = psutil.virtual_memory()
@@ -232,6 +243,8 @@ class WorkerAgent:
             "devices": self.devices,
             "memory": self.memory(),
             "speed": self.speed,
+            "speed_source": self.speed_source,
+            "rpc_advertise": self.cfg.rpc_advertise,
             "load": self.load(),
         }
 
@@ -342,10 +355,9 @@ class WorkerAgent:
 
     async def _handle(self, sock: zmq.asyncio.Socket, msg: protocol.Message) -> None:
         if msg.type == protocol.WELCOME:
-            host = str(msg.body.get("rpc_host") or self.cfg.rpc_host)
-            port = int(msg.body.get("rpc_port") or self.cfg.rpc_port)
-            if self.cfg.rpc_host:
-                host = self.cfg.rpc_host
+            # Bind where the head reaches us (or where we were told to); the port is ours.
+            host = self.cfg.rpc_host or str(msg.body.get("rpc_host") or "")
+            port = self.cfg.rpc_port
             try:
                 ipaddress.ip_address(host)
             except ValueError:

@@ -63,6 +63,14 @@ def layers(plan: Plan) -> dict[str, int]:
             id="speed-strategy-fastest-up-to-memory",
         ),
         pytest.param(
+            [W("a", 4 * GIB, speed=10.0), W("b", 4 * GIB, speed=9.0)], 2048, "speed", {"a": 5, "b": 5},
+            id="speed-strategy-near-equal-speeds-spread",
+        ),
+        pytest.param(
+            [W("a", 4 * GIB, speed=30.0), W("b", 4 * GIB, speed=29.0), W("slow", 4 * GIB, speed=8.0)], 2048, "speed",
+            {"a": 5, "b": 5}, id="speed-strategy-drops-slow-node",
+        ),
+        pytest.param(
             [NodeCapacity(name="head", free_bytes=1 * GIB, is_head=True), W("a", 4 * GIB)], 2048, "proportional",
             {"head": 2, "a": 8}, id="head-holds-first-layers",
         ),
@@ -125,6 +133,29 @@ def test_plan_is_deterministic_and_roundtrips() -> None:
     p2 = make_plan(nodes=nodes, profile=model(), n_ctx=2048)
     assert p1 == p2 and p1.key() == p2.key()
     assert Plan.from_dict(json.loads(json.dumps(p1.to_dict()))).key() == p1.key()
+
+
+@pytest.mark.parametrize(
+    "speeds, classes",
+    [
+        pytest.param([10.0, 9.0, 3.0], [[0, 1], [2]], id="two-classes"),
+        pytest.param([1.0, 1.0, 1.0], [[0, 1, 2]], id="all-equal"),
+        pytest.param([3.0, 10.0, 6.0], [[1], [2], [0]], id="three-classes"),
+    ],
+)
+def test_speed_classes(speeds: list[float], classes: list[list[int]]) -> None:
+    from appliance.planner import speed_classes
+
+    assert speed_classes(speeds) == classes
+
+
+def test_speed_plan_beats_memory_plan_on_slow_node() -> None:
+    """A 3x slower node: the speed plan's per-token cost is lower than the memory plan's."""
+    nodes = [W("fast", 4 * GIB, speed=3.0), W("slow", 4 * GIB, speed=1.0)]
+    mem = make_plan(nodes=nodes, profile=model(), n_ctx=2048, strategy="proportional")
+    fast = make_plan(nodes=nodes, profile=model(), n_ctx=2048, strategy="speed")
+    speeds = {"fast": 3.0, "slow": 1.0}
+    assert fast.time_per_token(speeds) < mem.time_per_token(speeds) / 1.2
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Benchmarks: the appliance against bare llama.cpp, in one run, as ratios (see docs/BENCHMARKS.md)."""
