@@ -317,6 +317,8 @@ def build_app(head: "Head") -> FastAPI:
                 state["finish"] = state["finish"] or params.finish_reason or "length"
             finally:
                 await gen.aclose()
+                if params.resumes:
+                    head.metrics.resumed.inc(params.resumes)
 
         def usage() -> dict[str, int]:
             return {

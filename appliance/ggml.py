@@ -108,6 +108,12 @@ def local_devices() -> list[Device]:
     return out
 
 
+def device_memory(index: int) -> tuple[int, int]:
+    """(free, total) bytes of device `index` now (for heartbeats; cheap)."""
+    L = lib()
+    return _memory(L, L.ggml_backend_dev_get(index))
+
+
 def serving_device_indices(devices: list[Device]) -> list[int]:
     """What a worker exposes over RPC: its GPUs if it has any, else its CPU."""
     gpus = [d.index for d in devices if d.type in ("gpu", "igpu")]

@@ -281,6 +281,8 @@ class Head:
             if not self.desired.degraded:
                 return "starting", self.desired.hold
             return "degraded", self.desired.degraded
+        if self.degraded_reason():
+            return "degraded", self.degraded_reason()
         if self.desired.hold:
             return "recovering", self.desired.hold
         if self.engine.state in ("starting", "loading"):
@@ -290,8 +292,16 @@ class Head:
             return "recovering", f"engine failed: {self.engine.last_error}"
         return "starting", self._last_wait or self.engine.state
 
+    ENGINE_FAILURES_DEGRADED = 3
+
     def degraded_reason(self) -> str:
-        return self.desired.degraded if self.desired.plan is None else ""
+        """Why new requests get 503 now ("" when they should wait or be served)."""
+        if self.desired.plan is None:
+            return self.desired.degraded
+        eng = self.engine
+        if eng is not None and eng.state == "failed" and eng.guard.failures >= self.ENGINE_FAILURES_DEGRADED:
+            return f"the engine failed {eng.guard.failures} times in a row (last: {eng.last_error or 'no detail'})"
+        return ""
 
     def node_display_state(self, name: str) -> str:
         n = self.membership.nodes[name]

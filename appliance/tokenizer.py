@@ -35,17 +35,19 @@ class Tokenizer:
     def __init__(self, model_path: str) -> None:
         import llama_cpp
         from llama_cpp import _logger as llama_logger
+        from llama_cpp._internals import LlamaModel
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         llama_logger.set_verbose(False)
         self._ll = llama_cpp.llama_cpp
-        self._llm = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
-        self._vocab = self._ll.llama_model_get_vocab(self._llm._model.model)
-        model = self._llm._model
-        eos_id, bos_id = model.token_eos(), model.token_bos()
-        self.eos_token = model.token_get_text(eos_id) if eos_id != -1 else ""
-        self.bos_token = model.token_get_text(bos_id) if bos_id != -1 else ""
-        template = self._llm.metadata.get("tokenizer.chat_template")
+        params = self._ll.llama_model_default_params()
+        params.vocab_only = True  # no weights, no context: a few MB
+        self._model = LlamaModel(path_model=model_path, params=params, verbose=False)
+        self._vocab = self._ll.llama_model_get_vocab(self._model.model)
+        eos_id, bos_id = self._model.token_eos(), self._model.token_bos()
+        self.eos_token = self._model.token_get_text(eos_id) if eos_id != -1 else ""
+        self.bos_token = self._model.token_get_text(bos_id) if bos_id != -1 else ""
+        template = self._model.metadata().get("tokenizer.chat_template")
         self.has_template = bool(template)
         self._formatter = Jinja2ChatFormatter(
             template=template or GENERIC_TEMPLATE,
@@ -57,7 +59,7 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Tokens of `text`; BOS only if the model asks for it (llama.cpp's add_special)."""
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def format_chat(self, messages: Sequence[dict[str, Any]]) -> ChatPrompt:
         try:

@@ -208,8 +208,11 @@ class WorkerAgent:
         vm = psutil.virtual_memory()
         gpus = [d for d in self.devices if d.get("type") in ("gpu", "igpu")]
         if gpus:
-            total, free = int(gpus[0]["total_bytes"]), int(gpus[0]["free_bytes"])
-            plannable = free
+            from . import ggml
+
+            free, total = ggml.device_memory(int(gpus[0]["index"]))
+            gpus[0]["free_bytes"] = free
+            plannable = free  # the RPC server frees a client's buffers when it disconnects
         else:
             total, free = int(vm.total), int(vm.available)
             plannable = free + self.rpc.rss()  # what our own server holds is ours to re-plan
@@ -226,6 +229,9 @@ class WorkerAgent:
             pass
         if self.rpc.proc is not None and self.rpc.proc.returncode is None:
             out["rpc_rss_bytes"] = self.rpc.rss()
+        gpus = [d for d in self.devices if d.get("type") in ("gpu", "igpu")]
+        if gpus and gpus[0].get("total_bytes"):
+            out["gpu_mem_percent"] = round(100 * (1 - gpus[0]["free_bytes"] / gpus[0]["total_bytes"]), 1)
         return out
 
     def hello_body(self) -> dict[str, Any]:
