@@ -268,6 +268,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_memory_bytes=_bytes_arg(str(args.max_memory)) if args.max_memory else 0,
         speed=args.speed,
         rpc_advertise=args.rpc_advertise or "",
+        device=args.device,
         timing=_timing(args),
     )
     return run_worker(cfg, keys=keys)
@@ -414,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-memory", default="", help="cap the memory offered to the cluster")
     s.add_argument("--speed", type=float, default=0.0, help="speed to report (default: measured at start-up)")
     s.add_argument("--rpc-advertise", help="HOST:PORT the head should use to reach the RPC server (NAT, proxy)")
+    s.add_argument("--device", default="auto", help="device to serve: auto (first GPU, else CPU), cpu, gpu, or a ggml index/name")
     _add_common_cluster(s)
     s.set_defaults(func=cmd_worker)
 
@@ -460,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .ggml import LlamaLibError
     from .keys import KeyError_
     from .models import FetchError
     from .planner import PlanError
@@ -476,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_BAD_INPUT
         return int(args.func(args) or 0)
-    except (CliError, ProfileError, PlanError, KeyError_, FetchError) as exc:
+    except (CliError, ProfileError, PlanError, KeyError_, FetchError, LlamaLibError) as exc:
         return _die(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -114,12 +114,24 @@ def device_memory(index: int) -> tuple[int, int]:
     return _memory(L, L.ggml_backend_dev_get(index))
 
 
-def serving_device_indices(devices: list[Device]) -> list[int]:
-    """What a worker exposes over RPC: its GPUs if it has any, else its CPU."""
+def serving_device_indices(devices: list[Device], choice: str = "auto") -> list[int]:
+    """What a worker exposes over RPC: `auto` = its first GPU if it has one, else its CPU;
+    `cpu`; `gpu`; or a device index / name as listed by ggml (e.g. `1`, `CUDA0`)."""
     gpus = [d.index for d in devices if d.type in ("gpu", "igpu")]
-    if gpus:
+    cpus = [d.index for d in devices if d.type == "cpu"]
+    if choice == "auto":
+        return gpus[:1] or cpus[:1]
+    if choice == "cpu":
+        return cpus[:1]
+    if choice == "gpu":
+        if not gpus:
+            raise LlamaLibError("no GPU device found (this llama-cpp-python build sees: "
+                                + ", ".join(d.name for d in devices) + ")")
         return gpus[:1]
-    return [d.index for d in devices if d.type == "cpu"][:1]
+    for d in devices:
+        if choice == str(d.index) or choice == d.name:
+            return [d.index]
+    raise LlamaLibError(f"no device {choice!r}; this box has: " + ", ".join(f"{d.index}={d.name}" for d in devices))
 
 
 def start_rpc_server(*, endpoint: str, cache_dir: str | None, n_threads: int, device_indices: list[int]) -> None:

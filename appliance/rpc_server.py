@@ -22,12 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", required=True, help="host:port to bind")
     p.add_argument("--cache-dir", default="")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, gpu, or a ggml device index/name")
     args = p.parse_args(argv)
     die_with_parent()
     from . import ggml
 
     devices = ggml.local_devices()
-    indices = ggml.serving_device_indices(devices)
+    try:
+        indices = ggml.serving_device_indices(devices, args.device)
+    except ggml.LlamaLibError as exc:
+        print(f"anyway-rpc-server: error: {exc}", flush=True)
+        return 2
     if args.cache_dir:
         os.makedirs(args.cache_dir, exist_ok=True)
     threads = args.threads or max((os.cpu_count() or 1), 1)

@@ -46,6 +46,7 @@ class WorkerConfig:
     max_memory_bytes: int = 0  # 0: no cap
     speed: float = 0.0  # 0: measure at start-up
     rpc_advertise: str = ""  # HOST:PORT the head dials instead (NAT, port forward, proxy)
+    device: str = "auto"  # which ggml device the RPC server exposes
     timing: Timing = Timing()
 
 
@@ -74,7 +75,8 @@ async def port_open(host: str, port: int, timeout_s: float) -> bool:
 class RpcChild:
     """Desired: one RPC server on `endpoint`. Restarts it (with a crash-loop guard) if it dies."""
 
-    def __init__(self, *, cache_dir: str, threads: int, timing: Timing) -> None:
+    def __init__(self, *, cache_dir: str, threads: int, timing: Timing, device: str = "auto") -> None:
+        self.device = device
         self.cache_dir = cache_dir
         self.threads = threads
         self.timing = timing
@@ -117,6 +119,8 @@ class RpcChild:
             self.cache_dir,
             "--threads",
             str(self.threads),
+            "--device",
+            self.device,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -176,7 +180,7 @@ class WorkerAgent:
         self.keys = keys
         self.node_id = uuid.uuid4().hex
         self.ctx = zmq.asyncio.Context.instance()
-        self.rpc = RpcChild(cache_dir=cfg.cache_dir, threads=cfg.threads, timing=cfg.timing)
+        self.rpc = RpcChild(cache_dir=cfg.cache_dir, threads=cfg.threads, timing=cfg.timing, device=cfg.device)
         self.devices: list[dict[str, Any]] = []
         self.rpc_protocol = "unknown"
         self.llama_version = ""
@@ -198,7 +202,7 @@ class WorkerAgent:
         if not self.cfg.speed:
             # Once, at start-up: what this box's RPC device delivers, under its thread
             # count and CPU quota. The head's speed-aware planner compares these.
-            idx = ggml.serving_device_indices(devices)[0]
+            idx = ggml.serving_device_indices(devices, self.cfg.device)[0]
             threads = self.cfg.threads or (os.cpu_count() or 1)
             self.speed = round(ggml.measure_speed(device_index=idx, n_threads=threads), 2)
             self.speed_source = "measured"
@@ -206,7 +210,7 @@ class WorkerAgent:
 
     def memory(self) -> dict[str, int]:
         vm = psutil.virtual_memory()
-        gpus = [d for d in self.devices if d.get("type") in ("gpu", "igpu")]
+        gpus = [d for d in self.devices if d.get("type") in ("gpu", "igpu")] if self.cfg.device != "cpu" else []
         if gpus:
             from . import ggml
 
