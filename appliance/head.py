@@ -387,6 +387,7 @@ class Head:
             },
             "events_last_id": self.events.last_id,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "now": time.time(),  # the head's clock: ages of events and joins are relative to it
         }
 
     # ----------------------------------------------------------- actions
