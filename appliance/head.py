@@ -233,6 +233,8 @@ class Head:
             elif isinstance(action, Wait):
                 if action.reason != self._last_wait:
                     kind = "degraded" if action.reason.startswith("degraded") else "waiting"
+                    if kind == "degraded" and self.engine.gen == 0 and "no worker is ready" in action.reason:
+                        kind = "waiting"  # start-up: no worker has joined yet
                     if kind == "degraded" or "suspect" in action.reason or "joining" in action.reason:
                         self.events.add(kind, action.reason)
                 self._last_wait = action.reason

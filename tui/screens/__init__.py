@@ -1,0 +1,1 @@
+"""The dashboard's screens: cluster overview, node detail, chat, help and the confirmation dialog."""
