@@ -186,6 +186,7 @@ class Head:
                 plannable_bytes=n.plannable_bytes,
                 speed=n.speed,
                 state_age_s=now - n.state_since,
+                rpc_down_s=now - n.rpc_down_since if n.rpc_down_since is not None and not n.rpc_ready else 0.0,
             )
             for n in self.membership.nodes.values()
         ]
@@ -202,6 +203,7 @@ class Head:
             current=eng.plan,
             current_considered=eng.considered,
             force_replan=force,
+            rpc_grace_s=self.timing.DEAD_AFTER_S,
         )
 
     async def reconcile_once(self) -> None:

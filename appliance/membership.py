@@ -68,6 +68,7 @@ class Node:
     plannable_bytes: int = 0
     speed: float = 1.0
     rpc_ready: bool = False
+    rpc_down_since: float | None = None  # when a live node's RPC server stopped answering
     cordoned: bool = False
     load: dict[str, Any] = field(default_factory=dict)
     deaths: list[float] = field(default_factory=list)
@@ -244,8 +245,11 @@ class Membership:
         rpc_ready = body.get("rpc_ready")
         if isinstance(rpc_ready, bool) and rpc_ready != node.rpc_ready:
             node.rpc_ready = rpc_ready
+            node.rpc_down_since = None if rpc_ready else now
             if not rpc_ready:
                 events.append(Event("rpc_down", node.name, f"{node.name}: RPC server is down ({body.get('rpc_state', '?')})"))
+            elif node.state in (NodeState.ALIVE, NodeState.SUSPECT):
+                events.append(Event("rpc_up", node.name, f"{node.name}: RPC server is back"))
         if node.state == NodeState.SUSPECT:
             self._set(node, NodeState.ALIVE, now)
             events.append(Event("recovered", node.name, f"{node.name} is answering again"))

@@ -47,6 +47,7 @@ class NodeView:
     plannable_bytes: int
     speed: float = 1.0
     state_age_s: float = 0.0  # time in the current state
+    rpc_down_s: float = 0.0  # how long a live node's RPC server has been down (0: up)
 
     @property
     def usable(self) -> bool:
@@ -111,6 +112,7 @@ def desired_state(
     current_considered: frozenset[str] = frozenset(),
     force_replan: bool = False,
     join_wait_s: float = 10.0,
+    rpc_grace_s: float = 5.0,
 ) -> Desired:
     by_name = {n.name: n for n in nodes}
     usable = [n for n in nodes if n.usable]
@@ -128,6 +130,7 @@ def desired_state(
             if name not in by_name
             or by_name[name].state in ("dead", "left", "refused")
             or by_name[name].cordoned
+            or by_name[name].rpc_down_s > rpc_grace_s
             or by_name[name].endpoint != current.rpc_assignments[in_plan.index(name)].endpoint
         ]
         if not lost:

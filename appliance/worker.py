@@ -155,7 +155,17 @@ class RpcChild:
                 log.debug("rpc_server_output", line=line[:300])
 
     def check(self) -> bool:
-        """False (and state 'died') if the child exited since it was ready."""
+        """False (and state 'died' / 'stopped') if the child exited or was stopped since it was ready."""
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                status = psutil.Process(self.proc.pid).status()
+            except psutil.Error:
+                status = ""
+            if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+                self.state = "hung (process stopped)"
+                return False
+            if self.state.startswith("hung"):
+                self.state = "ready" if self.ready else self.state
         if self.proc is not None and self.proc.returncode is not None:
             code = self.proc.returncode
             self.proc = None
@@ -326,7 +336,7 @@ class WorkerAgent:
                     self._start_rpc(sock, self.rpc.endpoint)
                 if self.welcomed:
                     body = {
-                        "rpc_ready": self.rpc.ready,
+                        "rpc_ready": rpc_ok,
                         "rpc_state": self.rpc.state,
                         "memory": self.memory(),
                         "load": self.load(),

@@ -135,6 +135,23 @@ def test_sigstop_worker_mid_stream(cluster: LocalCluster, expected: str) -> None
                  timeout_s=60, what="w3 back after SIGCONT")
 
 
+def test_sigstop_rpc_server_only_mid_stream(cluster: LocalCluster, expected: str) -> None:
+    """The agent keeps heartbeating but its RPC server hangs: the agent reports it, the
+    head re-plans without that node, and takes it back when the server runs again."""
+    victim = "w1"
+    rpc = [p for p in worker_tree(cluster, victim) if "rpc_server" in " ".join(p.cmdline())]
+    assert len(rpc) == 1
+    try:
+        text, _ = stream_with_fault(cluster.url, lambda: rpc[0].send_signal(signal.SIGSTOP))
+        assert text == expected
+        state = cluster.wait(lambda s: set(layered(s)) == {"w2", "w3"} and s["health"]["status"] == "ok",
+                             timeout_s=40, what="plan without the hung RPC server")
+        assert node_state(state, victim) == "alive"  # the box itself is fine
+    finally:
+        rpc[0].send_signal(signal.SIGCONT)
+    cluster.wait(lambda s: set(layered(s)) == {"w1", "w2", "w3"}, timeout_s=60, what="w1 back after SIGCONT")
+
+
 def test_sigkill_engine_mid_stream(cluster: LocalCluster, expected: str) -> None:
     before = httpx.get(f"{cluster.url}/v1/cluster").json()
     pid = engine_pid(cluster)

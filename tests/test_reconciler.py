@@ -27,9 +27,9 @@ PROFILE = ModelProfile(
 
 
 def node(name: str, state: str = "alive", *, mem: int = 4 * GIB, cordoned: bool = False, ready: bool = True,
-         port: int = 0, age: float = 100.0) -> NodeView:
+         port: int = 0, age: float = 100.0, rpc_down: float = 0.0) -> NodeView:
     return NodeView(name=name, endpoint=f"10.0.0.1:{port or 50000 + int(name[1:])}", state=state, rpc_ready=ready,
-                    cordoned=cordoned, plannable_bytes=mem, state_age_s=age)
+                    cordoned=cordoned, plannable_bytes=mem, state_age_s=age, rpc_down_s=rpc_down)
 
 
 def plan_over(*names: str, mems: dict[str, int] | None = None):  # type: ignore[no-untyped-def]
@@ -53,6 +53,8 @@ def names(d: Desired) -> list[str]:
         pytest.param([node("w1"), node("w2", "suspect")], ("w1", "w2"), ["w1", "w2"], "waiting for w2", "", id="suspect-holds-plan"),
         pytest.param([node("w1"), node("w2", "joining")], ("w1", "w2"), ["w1", "w2"], "waiting for w2", "", id="rejoining-plan-node-holds"),
         pytest.param([node("w1"), node("w2", cordoned=True)], ("w1", "w2"), ["w1"], "", "", id="drained-node-leaves-plan"),
+        pytest.param([node("w1"), node("w2", ready=False, rpc_down=1.0)], ("w1", "w2"), ["w1", "w2"], "waiting for w2", "", id="rpc-blip-holds"),
+        pytest.param([node("w1"), node("w2", ready=False, rpc_down=30.0)], ("w1", "w2"), ["w1"], "", "", id="rpc-down-too-long-replans"),
         pytest.param([node("w1"), node("w2"), node("w3")], ("w1", "w2"), ["w1", "w3", "w2"], "", "", id="new-node-joins-plan"),
         pytest.param([node("w1"), node("w2"), node("w3", "joining", age=0.3)], ("w1", "w2"), ["w1", "w2"], "", "", id="joining-node-not-yet"),
         pytest.param([node("w1", mem=300 * MIB), node("w2", "dead")], ("w1", "w2"), None, "", "does not fit", id="survivors-too-small-degraded"),
