@@ -284,23 +284,34 @@ def stop_head(c: LocalCluster) -> None:
 
 
 def bench_split(model: Path, n: int, args: argparse.Namespace, tmp: Path, lab: NetLab | None) -> dict[str, Any]:
+    """(b) and (c) on the same worker processes and layout, interleaved rep by rep so both
+    see the same machine load: head up -> one appliance run -> head down -> one bare run."""
     log(f"{n} worker(s): starting the appliance")
     c = start_cluster(model, n, state=tmp / f"split{n}", strategy="memory", max_batch=8, lab=lab, holding=n)
+    appliance: list[dict[str, float]] = []
+    bare: list[dict[str, float]] = []
+    conc: dict[int, float] = {}
     try:
         st = c.cluster_state()
         assert st is not None
         model_id = st["model"]["id"]
         rpc, split, ngl, desc = layout(st)
-        log(f"  (c) appliance endpoint, layout {desc}")
-        appliance = appliance_runs(c.url, model_id, tokens=args.tokens, reps=args.reps)
-        conc: dict[int, float] = {}
+        log(f"  layout {desc}")
         if n == args.concurrency_workers:
             for k in args.clients:
                 log(f"  concurrency: {k} client(s)")
-                conc[k] = median([concurrent_tps(c.url, model_id, clients=k, tokens=args.tokens) for _ in range(max(1, args.reps - 1))])
-        stop_head(c)
-        log("  (b) bare llama.cpp RPC split on the same workers and layout")
-        bare = bare_runs(model, tokens=args.tokens, reps=args.reps, rpc=rpc, split=split, ngl=ngl)
+                conc[k] = median([concurrent_tps(c.url, model_id, clients=k, tokens=args.tokens) for _ in range(max(1, args.reps - 2))])
+        for rep in range(args.reps):
+            if rep:
+                c.restart("head")
+                st = c.wait(lambda s: s["health"]["status"] == "ok" and len([x for x in s["nodes"] if x.get("layers")]) == n,
+                            timeout_s=120, what=f"serving on {n} workers again")
+                rpc, split, ngl, desc = layout(st)  # same ranges; the order may differ after a restart
+            log(f"  rep {rep + 1}/{args.reps}: (c) appliance endpoint, {desc}")
+            appliance += appliance_runs(c.url, model_id, tokens=args.tokens, reps=1)
+            stop_head(c)
+            log(f"  rep {rep + 1}/{args.reps}: (b) bare llama.cpp RPC split, same workers and layout")
+            bare += bare_runs(model, tokens=args.tokens, reps=1, rpc=rpc, split=split, ngl=ngl)
     finally:
         c.stop()
     return {"workers": n, "layout": desc, "appliance": appliance, "bare": bare, "concurrency": conc}
@@ -431,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,2,4,8")
     p.add_argument("--concurrency-workers", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--hetero", action="store_true", help="also compare speed-aware vs memory plans")
     p.add_argument("--slow-quota", type=float, default=0.25, help="CPU share of the slow worker (--hetero)")
     p.add_argument("--lan", action="store_true", help="workers in netns behind tbf + delay proxy")
