@@ -30,4 +30,17 @@ bench: $(VENV)/.anyway-bench
 	$(VENV)/bin/python -m bench.run $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	-bash images/build.sh clean
+	rm -rf --one-file-system $(VENV) .pytest_cache build *.egg-info
+
+# Appliance images (docs/IMAGES.md), as root, not part of make test:
+#   make image       - Debian root fs, raw disk image and OCI image in build/images
+#                      (inputs.txt, SHA256SUMS); caches in ~/.cache/anyway/images
+#   make image-test  - make image, then the image tests (pytest -m image; qemu boot included)
+.PHONY: image-test
+image:
+	bash images/build.sh build
+
+image-test: image $(STAMP)
+	bash images/build.sh deps --test
+	ANYWAY_IMAGE_TESTS=1 $(VENV)/bin/python -m pytest -m image tests/test_images.py $(ARGS)

@@ -222,7 +222,12 @@ class EngineManager:
         self.last_exit = code
         expected = self.state == "stopping"
         if not expected:
-            tail = next((ln for ln in reversed(self.stderr_tail) if "error" in ln.lower() or "abort" in ln.lower()), "")
+            tail = next(
+                (ln for ln in reversed(self.stderr_tail) if "error" in ln.lower() or "abort" in ln.lower()),
+                self.stderr_tail[-1] if self.stderr_tail else "",
+            )
+            if code == -6 and not tail:
+                tail = "aborted by ggml (an RPC worker vanished or answered badly)"
             detail = f"exit code {code}" + (f": {tail[:300]}" if tail else "")
             if not self.last_error:
                 self.last_error = detail

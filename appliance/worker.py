@@ -376,7 +376,9 @@ class WorkerAgent:
     async def _handle(self, sock: zmq.asyncio.Socket, msg: protocol.Message) -> None:
         if msg.type == protocol.WELCOME:
             # Bind where the head reaches us (or where we were told to); the port is ours.
-            host = self.cfg.rpc_host or str(msg.body.get("rpc_host") or "")
+            # Behind NAT / a port forward (--rpc-advertise) the address the head sees is
+            # not ours: bind all addresses then (the firewall keeps the port to the head).
+            host = self.cfg.rpc_host or ("0.0.0.0" if self.cfg.rpc_advertise else str(msg.body.get("rpc_host") or ""))
             port = self.cfg.rpc_port
             try:
                 ipaddress.ip_address(host)
