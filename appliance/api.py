@@ -555,6 +555,7 @@ async def serve(app: Any, *, host: str, port: int) -> None:
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=2,
+        http="auto",  # httptools when installed
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
