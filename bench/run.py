@@ -394,9 +394,35 @@ def write_report(results: dict[str, Any], out_dir: Path, cmdline: str) -> str:
                   f"| speed-aware | {h['speed']['speeds']} | {h['speed']['layout']} | {sp['decode_tps']:.1f} | {sp['prompt_tps']:.0f} |"]
         verdicts.append(f"- Target: speed-aware plan >= 1.2x the memory-proportional plan: {ratio:.2f}x "
                         f"({'met' if ratio >= 1.2 else 'MISSED'}).")
-    lines += ["", "## Verdicts", "", *verdicts, "", "![benchmarks](bench.png)", ""]
+    lines += ["", "## Verdicts", "", *verdicts, "", "![benchmarks](bench.png)", "", NOTES]
     text = "\n".join(lines)
     return text
+
+
+NOTES = """## Reading these numbers
+
+* **Appliance vs bare RPC (c/b).** Same worker processes, same layout, runs interleaved
+  (appliance, then bare, rep by rep) so both see the same load on this shared 2-core
+  machine. What the appliance adds per token is the head's work (detokenizing, stop
+  strings, an SSE chunk over real HTTP) and the client's parsing; it runs on the same two
+  cores as the workers, so it shows here more than on real boxes. Run-to-run noise on this
+  machine is about ±5 %.
+* **Concurrent clients.** Continuous batching is in place and exact (tests/test_batching.py
+  checks that batched outputs equal single-request outputs and that far fewer decode steps
+  than tokens were run), but on this machine it cannot reach 2.5x: the demo model is
+  Q4_1, and ggml's CPU kernel for Q4_1 x Q8_1 has no multi-column path on x86, so a
+  decode step for 4 sequences costs almost 4 times one sequence (measured in one
+  process with one thread: 74 tok/s alone, 88 tok/s aggregate with 4). Batching pays off
+  where decoding is memory-bound (larger models, GPUs). In addition, ggml's RPC backend
+  evaluates the workers one after the other and an RPC server serves one client at a time,
+  so the two workers' cores never compute at the same time (no pipeline parallelism
+  across requests); local workers on this machine also share its two cores. Both limits
+  are in llama.cpp's RPC path, not in the scheduler.
+* **Speed-aware plan.** Each worker measures a Q8_0 matmul through ggml at start-up (best
+  of four 250 ms windows, so a CPU quota shows); the slow worker is capped with a cgroup
+  CPU quota. The speed plan puts every layer on the fast worker; the memory plan splits
+  evenly, like llama.cpp's default.
+"""
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -449,7 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--delay-ms", type=float, default=0.25, help="added one-way delay per chunk (--lan)")
     p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--report-from", help="rewrite the report and plot from a saved bench*.json, no runs")
     args = p.parse_args(argv)
+    if args.report_from:
+        saved = json.loads(Path(args.report_from).read_text())
+        saved["splits"] = [{**sp, "concurrency": {int(k): v for k, v in sp["concurrency"].items()}} for sp in saved["splits"]]
+        out = Path(args.out)
+        suffix = "-lan" if "netns" in saved.get("network", "") else ""
+        text = write_report(saved, out, saved.get("cmdline", "make bench")).replace("bench.png", f"bench{suffix}.png")
+        (out / f"BENCHMARKS{suffix}.md").write_text(text)
+        plot(saved, out / f"bench{suffix}.png")
+        print(text)
+        return 0
     args.clients = [int(x) for x in args.clients.split(",")]
     workers = [int(x) for x in args.workers.split(",")]
     model = resolve_model(args.model)
@@ -479,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "-lan" if lab else ""
     cmdline = "make bench ARGS=\"" + " ".join(sys.argv[1:]) + "\"" if argv is None else "python -m bench.run " + " ".join(argv)
+    results["cmdline"] = cmdline
     report = write_report(results, out, cmdline).replace("bench.png", f"bench{suffix}.png")
     (out / f"BENCHMARKS{suffix}.md").write_text(report)
     (out / f"bench{suffix}.json").write_text(json.dumps(results, indent=1))
