@@ -271,7 +271,7 @@ def run_up(args: argparse.Namespace) -> int:
                 print(f"  {line}", file=sys.stderr)
             return 1
         model_id = Path(model).stem
-        print(f"serving {model_id} at {url}/v1  (status: anyway status --url {url})")
+        print(f"serving {model_id} at {url}/v1  (status: anyway status --url {url})", flush=True)
         body = '{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}]}' % model_id
         print(f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'", flush=True)
         if interactive:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,18 +35,19 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path: Path, tiny_model: Path
          "--model", str(tiny_model), "--state-dir", str(state), "--heartbeat-interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if any(line.startswith("serving ") for line in lines):
+                break
             time.sleep(0.3)
         else:
-            raise AssertionError("anyway up did not start serving in 120 s")
+            raise AssertionError("anyway up did not say it was serving within 120 s")
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         running = processes_mentioning(str(state))
         kinds = " ".join(" ".join(p.cmdline()) for p in running)
         # head, 2 workers, the engine and 2 RPC servers are all separate processes
@@ -65,7 +67,8 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path: Path, tiny_model: Path
             proc.kill()
             raise
     assert proc.returncode == 0
-    out = proc.stdout.read() if proc.stdout else ""
+    reader.join(timeout=10)
+    out = "".join(lines)
     assert f"serving {tiny_model.stem} at http://127.0.0.1:{port}/v1" in out
     deadline = time.monotonic() + 10
     while processes_mentioning(str(state)) and time.monotonic() < deadline:
