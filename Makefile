@@ -7,7 +7,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.anyway-ready
 ARGS   ?=
 
-.PHONY: run test setup lint clean bench image
+.PHONY: run test setup lint clean bench bench-recovery image
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/bootstrap.sh
@@ -28,6 +28,10 @@ $(VENV)/.anyway-bench: $(STAMP)
 
 bench: $(VENV)/.anyway-bench
 	$(VENV)/bin/python -m bench.run $(ARGS)
+
+# Recovery from a killed worker (detection, re-plan, stream gap, cold vs cached load)
+bench-recovery: $(STAMP)
+	$(VENV)/bin/python -m bench.recovery $(ARGS)
 
 clean:
 	-bash images/build.sh clean

@@ -78,19 +78,43 @@ def _load_config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) 
         dest = str(k).replace("-", "_")
         if dest not in known:
             raise CliError(f"{path}: unknown option {k!r}")
+        if dest == "timing" and isinstance(v, dict):  # timing: {NAME: value}; --timing may add more
+            v = [f"{n}={','.join(map(str, x)) if isinstance(x, list) else x}" for n, x in v.items()]
         defaults[dest] = v
     parser.set_defaults(**defaults)
 
 
 def _timing(args: argparse.Namespace) -> Timing:
+    from dataclasses import fields, replace
+
     t = Timing()
     if getattr(args, "heartbeat_interval", None):
         t = t.with_interval(float(args.heartbeat_interval))
     if getattr(args, "recovery_timeout", None):
-        from dataclasses import replace
-
         t = replace(t, REQUEST_RECOVERY_TIMEOUT_S=float(args.recovery_timeout))
-    return t
+    raw = getattr(args, "timing", None) or []
+    items = list(raw.items()) if isinstance(raw, dict) else [str(x).partition("=")[::2] for x in raw]
+    known = {f.name: f for f in fields(Timing)}
+    over: dict[str, object] = {}
+    for key, value in items:
+        key = str(key).strip().upper()
+        if key not in known:
+            raise CliError(f"--timing: unknown constant {key!r}; known: {', '.join(sorted(known))}")
+        default = getattr(Timing(), key)
+        try:
+            if isinstance(default, tuple):
+                vals = value if isinstance(value, (list, tuple)) else str(value).split(",")
+                parsed: object = tuple(float(v) for v in vals)
+                ok = all(v >= 0 for v in parsed)  # type: ignore[attr-defined]
+            else:
+                parsed = type(default)(value)
+                ok = parsed > 0  # type: ignore[operator]
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CliError(f"--timing {key}={value}: expected a positive {type(default).__name__}")
+        over[key] = parsed
+    return replace(t, **over) if over else t  # type: ignore[arg-type]
 
 
 def _add_common_cluster(p: argparse.ArgumentParser) -> None:
@@ -98,6 +122,10 @@ def _add_common_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", help="directory with the cluster keys (anyway keys init)")
     p.add_argument("--insecure", action="store_true", help="no CurveZMQ (development only)")
     p.add_argument("--heartbeat-interval", type=float, default=None, help="seconds (default 0.5)")
+    p.add_argument(
+        "--timing", action="append", default=None, metavar="NAME=VALUE",
+        help="override one timing constant of appliance/config.py, e.g. DEAD_AFTER_MISSED=6 (repeatable)",
+    )
     p.add_argument("--log-level", default=None, help="debug, info (default), warning")
     p.add_argument("--log-format", default=None, choices=["logfmt", "json"])
 

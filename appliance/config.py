@@ -42,6 +42,9 @@ class Timing:
     REQUEST_RECOVERY_TIMEOUT_S: float = 120.0  # how long a request waits for a healed engine
     RETRY_AFTER_S: int = 5  # Retry-After sent with 503 while degraded
     RPC_PROBE_TIMEOUT_S: float = 0.5
+    # After a control connection drops or the engine dies, probe the plan's RPC ports at
+    # these delays (a killed box's processes do not all vanish in the same millisecond).
+    RPC_PROBE_AFTER_S: tuple[float, ...] = (0.0, 0.05, 0.2, 0.5, 1.0)
 
     @property
     def SUSPECT_AFTER_S(self) -> float:  # noqa: N802 - constant-style name with unit

@@ -56,6 +56,7 @@ class ControlServer:
         timing: Timing,
         on_events: Callable[[list[Event]], None],
         on_bad_frame: Callable[[str], None],
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.bind = bind
         self.keys = keys
@@ -63,6 +64,7 @@ class ControlServer:
         self.timing = timing
         self.on_events = on_events
         self.on_bad_frame = on_bad_frame
+        self.on_disconnect = on_disconnect
         self.ctx = zmq.asyncio.Context.instance()
         self.auth: _Auth | None = None
         self.sock: zmq.asyncio.Socket | None = None
@@ -92,19 +94,33 @@ class ControlServer:
         log.info("control_listening", bind=self.bind, curve=self.keys is not None)
 
     async def monitor_loop(self) -> None:
-        """Report failed CurveZMQ handshakes (a node holding another cluster's keys)."""
+        """Watch the control socket's connections.
+
+        A dropped connection (a worker process died: its kernel closed the TCP connection)
+        calls `on_disconnect`, so the head checks its workers' RPC ports at once instead of
+        waiting for heartbeats to go silent. Failed CurveZMQ handshakes (a node holding
+        another cluster's keys) become `refused` events.
+        """
         assert self.sock is not None
-        if self.keys is None:
-            return
         from zmq.utils.monitor import parse_monitor_message
 
-        mon = self.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-        )
+        mask = zmq.EVENT_DISCONNECTED
+        if self.keys is not None:
+            mask |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        mon = self.sock.get_monitor_socket(mask)
         last: dict[str, float] = {}
         try:
             while True:
-                ev = parse_monitor_message(await mon.recv_multipart())
+                try:
+                    ev = parse_monitor_message(await mon.recv_multipart())
+                except (ValueError, KeyError, IndexError) as exc:
+                    log.warning("monitor_message_dropped", error=str(exc))
+                    continue
+                log.debug("control_monitor_event", kind=int(ev["event"]))
+                if ev["event"] == zmq.EVENT_DISCONNECTED:
+                    if self.on_disconnect is not None:
+                        self.on_disconnect()
+                    continue
                 if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     continue  # the ZAP handler already reported it, with the key
                 where = ev.get("endpoint", b"")

@@ -133,12 +133,18 @@ class EngineManager:
             busy=bool(self.requests),
         )
 
-    def restart_allowed(self, now: float) -> bool:
-        return self.guard.allow(now)
+    def restart_allowed(self, now: float, *, new_layout: bool = False) -> bool:
+        """May an engine start now? A new layout (the cluster changed) skips the crash-loop
+        backoff, which exists for an engine that keeps failing on the same layout; the cap on
+        starts per ENGINE_RESTART_WINDOW_S still holds."""
+        return self.guard.allow(now, ignore_backoff=new_layout)
 
     async def start(self, plan: Plan, considered: frozenset[str]) -> None:
         now = time.monotonic()
-        self.guard.record_start(now)
+        if self.state == "failed":
+            # Only restarts after a failure count towards the crash-loop cap; planned starts
+            # (first load, re-plan, operator reload) are bounded by membership's settle times.
+            self.guard.record_start(now)
         self.gen += 1
         self.identity = f"engine-{self.gen}".encode()
         self.plan, self.considered = plan, considered
@@ -173,6 +179,9 @@ class EngineManager:
         ]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # ggml's abort handler otherwise runs gdb for a backtrace first: half a second more
+        # before the head learns that a worker vanished under the engine.
+        env.setdefault("GGML_NO_BACKTRACE", "1")
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
         )

@@ -30,7 +30,7 @@ from .planner import fmt_bytes
 from .profile import ModelProfile, load_profile
 from .reconciler import Desired, NodeView, StartEngine, StopEngine, Wait, desired_state, reconcile
 from .tokenizer import Tokenizer
-from .worker import port_open
+from .worker import probe_rpc
 
 log = logs.get("head")
 
@@ -92,6 +92,7 @@ class Head:
         self._tok_window: deque[tuple[float, int]] = deque()
         self.started_at = time.time()
         self.stop_event = asyncio.Event()
+        self._probe_now = asyncio.Event()  # set when a worker may just have died
 
     # ------------------------------------------------------------ wiring
     def _on_events(self, events: list[Event]) -> None:
@@ -104,6 +105,7 @@ class Head:
             self.metrics.engine_starts.inc()
         elif kind in ("engine_crash", "engine_failed"):
             self.metrics.engine_crashes.inc()
+            self._probe_now.set()  # usually a worker vanished under the engine: find which, now
         elif kind == "engine_ready" and self.engine and self.engine.last_recovery_s is not None:
             self.metrics.recovery.observe(self.engine.last_recovery_s)
 
@@ -136,6 +138,7 @@ class Head:
             timing=self.timing,
             on_events=self._on_events,
             on_bad_frame=lambda why: self.metrics.bad_frames.inc(),
+            on_disconnect=self._probe_now.set,
         )
         self.control.start()
         self.events.add(
@@ -150,6 +153,7 @@ class Head:
             asyncio.create_task(self.control.monitor_loop(), name="control-monitor"),
             asyncio.create_task(self.engine.recv_loop(), name="engine-recv"),
             asyncio.create_task(self.reconcile_loop(), name="reconcile"),
+            asyncio.create_task(self.probe_loop(), name="rpc-probe"),
             asyncio.create_task(serve(app, host=self.cfg.api_host, port=self.cfg.api_port), name="api"),
         ]
         loop = asyncio.get_running_loop()
@@ -187,6 +191,7 @@ class Head:
                 speed=n.speed,
                 state_age_s=now - n.state_since,
                 rpc_down_s=now - n.rpc_down_since if n.rpc_down_since is not None and not n.rpc_ready else 0.0,
+                rpc_refused=n.rpc_refused,
             )
             for n in self.membership.nodes.values()
         ]
@@ -212,10 +217,12 @@ class Head:
         self._on_events(self.membership.tick(now))
         force = self._force_replan
         self.desired = self.compute_desired(force=force)
+        eng_plan, want = self.engine.plan, self.desired.plan
+        new_layout = want is not None and (eng_plan is None or want.key() != eng_plan.key())
         actions = reconcile(
             desired=self.desired,
             engine=self.engine.view(),
-            restart_allowed=self.engine.restart_allowed(now),
+            restart_allowed=self.engine.restart_allowed(now, new_layout=new_layout),
             timing=self.timing,
             now=now,
         )
@@ -244,17 +251,65 @@ class Head:
             self._last_wait = ""
         self._update_gauges()
 
+    async def _probe_one(self, name: str, endpoint: str, *, mark_unanswered: bool) -> str:
+        host, _, port = (endpoint or "").rpartition(":")
+        result = await probe_rpc(host.strip("[]"), int(port or 0), self.timing.RPC_PROBE_TIMEOUT_S)
+        log.debug("rpc_probe", node=name, endpoint=endpoint, result=result)
+        now = time.monotonic()
+        if result == "refused":
+            self._on_events(self.membership.mark_unreachable(
+                name, now=now, reason=f"RPC port {endpoint} refused the connection (server gone)", refused=True))
+        elif result == "unreachable" and mark_unanswered:
+            self._on_events(self.membership.mark_unreachable(name, now=now, reason=f"RPC port {endpoint} did not answer"))
+        elif result == "open":
+            self._on_events(self.membership.rpc_reachable(name, now=now))
+        return result
+
     async def _probe(self, action: StartEngine) -> bool:
         """Before loading, check each worker's RPC port answers; suspect those that don't."""
-        ok = True
-        for a in action.plan.rpc_assignments:
-            host, _, port = (a.endpoint or "").rpartition(":")
-            if not await port_open(host.strip("[]"), int(port or 0), self.timing.RPC_PROBE_TIMEOUT_S):
-                ok = False
-                self._on_events(
-                    self.membership.mark_unreachable(a.node, now=time.monotonic(), reason=f"RPC port {a.endpoint} unreachable")
-                )
-        return ok
+        results = await asyncio.gather(
+            *(self._probe_one(a.node, a.endpoint or "", mark_unanswered=True) for a in action.plan.rpc_assignments)
+        )
+        return all(r == "open" for r in results)
+
+    async def probe_loop(self) -> None:
+        """Find a vanished worker in milliseconds, not heartbeat timeouts.
+
+        When the engine dies or a control connection drops, probe the RPC port of every node
+        in the plan, a few times (RPC_PROBE_AFTER_S): a refused connection means that RPC
+        server process is gone (killed, crashed, box rebooting) and the node leaves the plan
+        at once. A port that merely does not answer is left to the heartbeat failure detector
+        (it may be a busy box). Nodes found refused are probed again each heartbeat interval
+        until they answer.
+        """
+        rounds: list[float] = []  # when the next urgent probe rounds are due (monotonic)
+        while True:
+            now = time.monotonic()
+            wait_s = min([self.timing.HEARTBEAT_INTERVAL_S, *(t - now for t in rounds)])
+            try:
+                await asyncio.wait_for(self._probe_now.wait(), timeout=max(wait_s, 0.0))
+                self._probe_now.clear()
+                now = time.monotonic()
+                rounds = sorted({*rounds, *(now + d for d in self.timing.RPC_PROBE_AFTER_S)})
+            except asyncio.TimeoutError:
+                pass
+            now = time.monotonic()
+            urgent = bool(rounds) and rounds[0] <= now + 0.001
+            rounds = [t for t in rounds if t > now + 0.001]
+            targets: dict[str, str] = {}
+            if urgent and self.engine is not None:
+                for plan in (self.engine.plan, self.desired.plan):
+                    for a in plan.rpc_assignments if plan else []:
+                        targets[a.node] = a.endpoint or ""
+            elif not urgent:
+                for n in self.membership.nodes.values():
+                    if n.rpc_refused and n.state.value in ("alive", "suspect", "joining"):
+                        targets[n.name] = n.rpc_endpoint
+            if targets:
+                try:
+                    await asyncio.gather(*(self._probe_one(k, v, mark_unanswered=False) for k, v in targets.items()))
+                except Exception as exc:  # noqa: BLE001 - a probe bug must not stop probing
+                    log.error("probe_error", exc=True, error=str(exc))
 
     async def reconcile_loop(self) -> None:
         while True:

@@ -69,6 +69,7 @@ class Node:
     speed: float = 1.0
     rpc_ready: bool = False
     rpc_down_since: float | None = None  # when a live node's RPC server stopped answering
+    rpc_refused: bool = False  # the head's own probe found nothing listening on the RPC port
     cordoned: bool = False
     load: dict[str, Any] = field(default_factory=dict)
     deaths: list[float] = field(default_factory=list)
@@ -180,6 +181,7 @@ class Membership:
                 node.state, node.state_since, node.joined_at = NodeState.JOINING, now, now
                 node.wall_joined_at = time.time()
                 node.rpc_ready = bool(body.get("rpc_ready"))
+                node.rpc_refused = False  # a new process: the probe before loading decides again
             elif node.state == NodeState.SUSPECT:
                 self._set(node, NodeState.ALIVE, now)
             events.append(Event(kind, name, f"{name} {kind}ed from {address}" if rejoin else f"{name} re-announced"))
@@ -305,15 +307,31 @@ class Membership:
                 del self.refused[name]
         return events
 
-    def mark_unreachable(self, name: str, *, now: float, reason: str) -> list[Event]:
-        """The head could not reach a node's RPC server: suspect it at once."""
+    def mark_unreachable(self, name: str, *, now: float, reason: str, refused: bool = False) -> list[Event]:
+        """The head could not reach a node's RPC server: suspect it at once.
+
+        `refused` means the connection was actively refused (nothing listens on the port: the
+        RPC server process is gone, whatever its agent's heartbeats say). Such a node leaves
+        the plan at once instead of after DEAD_AFTER_S; `rpc_reachable` takes it back.
+        """
         node = self.nodes.get(name)
-        if node is None or node.state not in (NodeState.ALIVE, NodeState.JOINING):
+        if node is None or node.state not in (NodeState.ALIVE, NodeState.JOINING, NodeState.SUSPECT):
             return []
+        first = node.state != NodeState.SUSPECT or node.rpc_refused != refused
         self._set(node, NodeState.SUSPECT, now)
         node.rpc_ready = False
+        node.rpc_refused = node.rpc_refused or refused
         node.reason = reason
-        return [Event("suspect", name, f"{name} is suspect: {reason}")]
+        return [Event("suspect", name, f"{name} is suspect: {reason}")] if first else []
+
+    def rpc_reachable(self, name: str, *, now: float) -> list[Event]:
+        """A probe reached the RPC port again after it had been refused."""
+        node = self.nodes.get(name)
+        if node is None or not node.rpc_refused:
+            return []
+        node.rpc_refused = False
+        node.reason = ""
+        return [Event("rpc_up", name, f"{name}: RPC port answers again")]
 
     def _set(self, node: Node, state: NodeState, now: float) -> None:
         if node.state != state:

@@ -87,9 +87,9 @@ class CrashLoopGuard:
         self.failures = 0
         self.not_before = 0.0
 
-    def allow(self, now: float) -> bool:
+    def allow(self, now: float, *, ignore_backoff: bool = False) -> bool:
         self.starts = [t for t in self.starts if now - t < self.window_s]
-        return now >= self.not_before and len(self.starts) < self.max_starts
+        return (ignore_backoff or now >= self.not_before) and len(self.starts) < self.max_starts
 
     def next_allowed(self, now: float) -> float:
         self.starts = [t for t in self.starts if now - t < self.window_s]

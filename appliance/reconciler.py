@@ -14,7 +14,9 @@ and a converged state yields no action (tested as a property).
 
 Hysteresis against reload storms:
   * a node in the loaded plan that is only suspect or re-joining holds the plan (no
-    re-plan) — it is either back soon or declared dead;
+    re-plan) — it is either back soon or declared dead; the exception is a node whose
+    RPC port the head found refusing connections (its RPC server process is gone, so the
+    engine cannot use it whatever its heartbeats say): it leaves the plan at once;
   * new nodes join the plan only once they are ALIVE, i.e. after a settle time that
     doubles with each recent death (membership.py);
   * free-memory jitter never re-plans: the plan changes only when the set of usable
@@ -48,10 +50,11 @@ class NodeView:
     speed: float = 1.0
     state_age_s: float = 0.0  # time in the current state
     rpc_down_s: float = 0.0  # how long a live node's RPC server has been down (0: up)
+    rpc_refused: bool = False  # the head's probe was refused: nothing listens on the RPC port
 
     @property
     def usable(self) -> bool:
-        return self.state == "alive" and self.rpc_ready and not self.cordoned
+        return self.state == "alive" and self.rpc_ready and not self.cordoned and not self.rpc_refused
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ def desired_state(
             or by_name[name].state in ("dead", "left", "refused")
             or by_name[name].cordoned
             or by_name[name].rpc_down_s > rpc_grace_s
+            or by_name[name].rpc_refused
             or by_name[name].endpoint != current.rpc_assignments[in_plan.index(name)].endpoint
         ]
         if not lost:

@@ -59,17 +59,25 @@ def local_addresses() -> set[str]:
     return out
 
 
-async def port_open(host: str, port: int, timeout_s: float) -> bool:
+async def probe_rpc(host: str, port: int, timeout_s: float) -> str:
+    """"open", "refused" (nothing listens: the server process is gone) or "unreachable"
+    (no answer in time: a hung, overloaded or unplugged box, or a network problem)."""
     try:
         _, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=timeout_s)
+    except ConnectionRefusedError:
+        return "refused"
     except (OSError, asyncio.TimeoutError):
-        return False
+        return "unreachable"
     w.close()
     try:
         await w.wait_closed()
     except OSError:
         pass
-    return True
+    return "open"
+
+
+async def port_open(host: str, port: int, timeout_s: float) -> bool:
+    return await probe_rpc(host, port, timeout_s) == "open"
 
 
 class RpcChild:

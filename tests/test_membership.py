@@ -113,6 +113,24 @@ def test_unreachable_rpc_makes_suspect_at_once() -> None:
     m.tick(1.5)
     ev = m.mark_unreachable("w1", now=1.6, reason="RPC port refused")
     assert [e.kind for e in ev] == ["suspect"] and m.nodes["w1"].state == NodeState.SUSPECT
+    assert not m.nodes["w1"].rpc_refused  # no answer is not proof: heartbeats decide
+
+
+def test_refused_rpc_port_marks_the_node_until_it_answers_or_rejoins() -> None:
+    m = fresh()
+    m.hello(identity=b"a", body=hello(), peer_address="10.0.0.5", now=0.0)
+    m.tick(1.5)
+    ev = m.mark_unreachable("w1", now=1.6, reason="refused", refused=True)
+    assert [e.kind for e in ev] == ["suspect"] and m.nodes["w1"].rpc_refused
+    assert m.mark_unreachable("w1", now=1.7, reason="refused", refused=True) == []  # one event, not one per probe
+    # Heartbeats from its agent do not clear it: only the head's own probe or a rejoin does.
+    m.heartbeat(identity=b"a", body={"rpc_ready": True}, now=1.8)
+    assert m.nodes["w1"].rpc_refused and m.nodes["w1"].state == NodeState.ALIVE
+    assert [e.kind for e in m.rpc_reachable("w1", now=2.0)] == ["rpc_up"] and not m.nodes["w1"].rpc_refused
+    assert m.rpc_reachable("w1", now=2.1) == []
+    m.mark_unreachable("w1", now=2.2, reason="refused", refused=True)
+    m.hello(identity=b"b", body=hello(node_id="other-process"), peer_address="10.0.0.5", now=2.5)
+    assert not m.nodes["w1"].rpc_refused
 
 
 def test_garbage_in_resource_fields_is_ignored() -> None:

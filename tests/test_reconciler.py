@@ -27,9 +27,9 @@ PROFILE = ModelProfile(
 
 
 def node(name: str, state: str = "alive", *, mem: int = 4 * GIB, cordoned: bool = False, ready: bool = True,
-         port: int = 0, age: float = 100.0, rpc_down: float = 0.0) -> NodeView:
+         port: int = 0, age: float = 100.0, rpc_down: float = 0.0, refused: bool = False) -> NodeView:
     return NodeView(name=name, endpoint=f"10.0.0.1:{port or 50000 + int(name[1:])}", state=state, rpc_ready=ready,
-                    cordoned=cordoned, plannable_bytes=mem, state_age_s=age, rpc_down_s=rpc_down)
+                    cordoned=cordoned, plannable_bytes=mem, state_age_s=age, rpc_down_s=rpc_down, rpc_refused=refused)
 
 
 def plan_over(*names: str, mems: dict[str, int] | None = None):  # type: ignore[no-untyped-def]
@@ -55,6 +55,9 @@ def names(d: Desired) -> list[str]:
         pytest.param([node("w1"), node("w2", cordoned=True)], ("w1", "w2"), ["w1"], "", "", id="drained-node-leaves-plan"),
         pytest.param([node("w1"), node("w2", ready=False, rpc_down=1.0)], ("w1", "w2"), ["w1", "w2"], "waiting for w2", "", id="rpc-blip-holds"),
         pytest.param([node("w1"), node("w2", ready=False, rpc_down=30.0)], ("w1", "w2"), ["w1"], "", "", id="rpc-down-too-long-replans"),
+        pytest.param([node("w1"), node("w2", "suspect", ready=False, refused=True)], ("w1", "w2"), ["w1"], "", "", id="rpc-refused-replans-at-once"),
+        pytest.param([node("w1"), node("w2", ready=True, refused=True)], ("w1", "w2"), ["w1"], "", "", id="refused-despite-heartbeats-replans"),
+        pytest.param([node("w1"), node("w2", ready=True, refused=True)], ("w1",), ["w1"], "", "", id="refused-node-not-taken-back"),
         pytest.param([node("w1"), node("w2"), node("w3")], ("w1", "w2"), ["w1", "w3", "w2"], "", "", id="new-node-joins-plan"),
         pytest.param([node("w1"), node("w2"), node("w3", "joining", age=0.3)], ("w1", "w2"), ["w1", "w2"], "", "", id="joining-node-not-yet"),
         pytest.param([node("w1", mem=300 * MIB), node("w2", "dead")], ("w1", "w2"), None, "", "does not fit", id="survivors-too-small-degraded"),
@@ -172,3 +175,20 @@ def test_converges_from_any_state_by_repeated_steps() -> None:
                 eng = EngineView(state="serving", plan=a.plan, considered=a.considered, last_progress_at=10_000.0)
                 current = a.plan
         assert eng.state == "serving" and sorted(x.node for x in eng.plan.rpc_assignments) == ["w1", "w2"], start
+
+
+def test_crash_loop_guard_backs_off_the_same_layout_but_not_a_new_one() -> None:
+    from appliance.procutil import CrashLoopGuard
+
+    g = CrashLoopGuard(window_s=60, max_starts=3, backoff_min_s=0.5, backoff_max_s=30)
+    g.record_start(0.0)
+    g.record_failure(1.0)
+    assert not g.allow(1.1)  # same layout: wait out the backoff
+    assert g.allow(1.1, ignore_backoff=True)  # the cluster changed: a new layout may start now
+    assert g.allow(1.6)
+    g.record_start(1.6)
+    g.record_failure(2.0)
+    assert not g.allow(2.9) and g.allow(3.1)  # backoff doubled
+    g.record_start(3.1)
+    assert not g.allow(50.0, ignore_backoff=True)  # the cap per window holds for every start
+    assert g.allow(65.0, ignore_backoff=True)
