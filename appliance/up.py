@@ -203,9 +203,15 @@ class LocalCluster:
         return self.wait(ok, timeout_s=timeout_s, what=f"serving on {nodes or 'any'} node(s)")
 
 
-def _progress(url: str, cluster: "LocalCluster", *, quiet: bool) -> bool:
-    """Wait until the API serves; print a progress line. False if the head died."""
+ALL_WORKERS_WAIT_S = 60.0  # after serving, how long `anyway up` waits for the rest of its workers
+
+
+def _progress(url: str, cluster: "LocalCluster", *, quiet: bool, workers: int = 0) -> bool:
+    """Wait until the API serves with all `workers` local workers alive and in the plan it
+    wants (or, after ALL_WORKERS_WAIT_S of serving without some, with what there is); print a
+    progress line. False if the head died."""
     last = ""
+    serving_since: float | None = None
     while True:
         head = cluster.procs["head"]
         if head.poll() is not None:
@@ -227,9 +233,17 @@ def _progress(url: str, cluster: "LocalCluster", *, quiet: bool) -> bool:
             print(line, end="", file=sys.stderr, flush=True)
             last = line
         if data["health"]["status"] == "ok":
-            if not quiet:
-                print(file=sys.stderr)
-            return True
+            serving_since = serving_since or time.monotonic()
+            settled = ready >= workers and data.get("plan") == data.get("desired_plan")
+            if settled or time.monotonic() - serving_since > ALL_WORKERS_WAIT_S:
+                if not quiet:
+                    print(file=sys.stderr)
+                    if not settled:
+                        print(f"serving with {ready} of {workers} workers ready; the others join when they are",
+                              file=sys.stderr, flush=True)
+                return True
+        else:
+            serving_since = None
         time.sleep(0.3)
 
 
@@ -265,7 +279,7 @@ def run_up(args: argparse.Namespace) -> int:
             f"logs in {state}",
             file=sys.stderr,
         )
-        if not _progress(url, cluster, quiet=False):
+        if not _progress(url, cluster, quiet=False, workers=args.workers):
             print(f"anyway up: the head exited; see {cluster.logs['head']}", file=sys.stderr)
             for line in cluster.logs["head"].read_text(errors="replace").strip().splitlines()[-5:]:
                 print(f"  {line}", file=sys.stderr)
