@@ -191,3 +191,27 @@ def test_api_key_protects_the_api(make_cluster, tiny_model: Path) -> None:  # ty
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{c.url}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     chat_ok(c.url, api_key="s3cret")
+
+
+def test_a_killed_idle_worker_leaves_the_plan_before_heartbeats_expire(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """No request runs, so no engine notices; the head sees the control connection drop, finds
+    the RPC port refusing connections and re-plans long before the heartbeat detector would
+    (here heartbeats every 2 s: dead only after 20 s)."""
+    import psutil
+
+    c = make_cluster(tiny_model, workers=2, heartbeat=2.0)
+    c.wait_serving(nodes=2, timeout_s=120)
+    last_id = c.cluster_state()["events_last_id"]
+    agent = psutil.Process(c.procs["w1"].pid)
+    for p in [agent, *agent.children(recursive=True)]:
+        p.kill()
+    st = c.wait(lambda s: layered(s) == {"w2"} and s["health"]["status"] == "ok", timeout_s=15, what="plan without w1")
+    evs = httpx.get(f"{c.url}/v1/events", params={"since": last_id}).json()["events"]
+    w1 = [e for e in evs if e["node"] == "w1"]
+    assert any(e["kind"] == "suspect" and "refused" in e["message"] for e in w1), w1
+    assert not any(e["kind"] == "dead" for e in w1), "the heartbeat detector, not the probe, took w1 out"
+    assert next(n for n in st["nodes"] if n["name"] == "w1")["state"] != "alive"
+    assert chat_ok(c.url)
+    # Back as a new process: probed, taken back in.
+    c.restart("w1")
+    c.wait(lambda s: layered(s) == {"w1", "w2"}, timeout_s=60, what="w1 back in the plan")
