@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -237,6 +238,7 @@ class EngineManager:
             )
             if code == -6 and not tail:
                 tail = "aborted by ggml (an RPC worker vanished or answered badly)"
+            tail = re.sub(r"/\S*/([\w.-]+\.(?:c|cc|cpp|h)):", r"\1:", tail)  # build paths say nothing to an operator
             detail = f"exit code {code}" + (f": {tail[:300]}" if tail else "")
             if not self.last_error:
                 self.last_error = detail
