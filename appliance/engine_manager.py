@@ -193,11 +193,18 @@ class EngineManager:
         self._tasks.append(asyncio.create_task(self._pump_output(proc)))
         self._tasks.append(asyncio.create_task(self._watch_exit(gen, proc)))
 
+    def stalled(self, now: float) -> bool:
+        """Serving with requests waiting, yet no token for SUSPECT_AFTER_S: blocked on a worker
+        that neither answers nor resets the connection (hung, unplugged, cut off)."""
+        return self.state == "serving" and bool(self.requests) and now - self.last_progress_at > self.timing.SUSPECT_AFTER_S
+
     async def stop(self, reason: str) -> None:
         proc = self.proc
         if proc is None or proc.returncode is not None:
             self._lost(reason, expected=True)
             return
+        # A stalled engine is blocked inside ggml and cannot act on SIGTERM: kill it at once.
+        grace_s = 0.05 if self.stalled(time.monotonic()) else self.timing.ENGINE_STOP_GRACE_S
         self.state = "stopping"
         self.serving.clear()
         self.on_event("engine_stop", f"stopping engine #{self.gen}: {reason}")
@@ -205,7 +212,7 @@ class EngineManager:
             await self.sock.send_multipart([self.identity, json.dumps({"t": EngineMsg.STOP}).encode()], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        await aterminate(proc, grace_s=self.timing.ENGINE_STOP_GRACE_S)
+        await aterminate(proc, grace_s=grace_s)
         # _watch_exit records the exit and notifies requests.
 
     async def close(self) -> None:

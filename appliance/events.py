@@ -15,7 +15,7 @@ from . import logs
 
 log = logs.get("head.events")
 
-WARN_KINDS = frozenset({"suspect", "dead", "refused", "engine_crash", "engine_failed", "degraded", "warning", "rpc_down", "bad_frame"})
+WARN_KINDS = frozenset({"suspect", "dead", "refused", "engine_crash", "engine_failed", "degraded", "warning", "rpc_down", "bad_frame", "stall"})
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,7 @@ class Head:
                 state_age_s=now - n.state_since,
                 rpc_down_s=now - n.rpc_down_since if n.rpc_down_since is not None and not n.rpc_ready else 0.0,
                 rpc_refused=n.rpc_refused,
+                stalled_engine=n.stalled_engine,
             )
             for n in self.membership.nodes.values()
         ]
@@ -215,6 +216,9 @@ class Head:
         assert self.engine is not None
         now = time.monotonic()
         self._on_events(self.membership.tick(now))
+        if self.engine.stalled(now) and self.engine.plan is not None:
+            for a in self.engine.plan.rpc_assignments:
+                self._on_events(self.membership.blame_stall(a.node))
         force = self._force_replan
         self.desired = self.compute_desired(force=force)
         eng_plan, want = self.engine.plan, self.desired.plan

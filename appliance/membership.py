@@ -70,6 +70,7 @@ class Node:
     rpc_ready: bool = False
     rpc_down_since: float | None = None  # when a live node's RPC server stopped answering
     rpc_refused: bool = False  # the head's own probe found nothing listening on the RPC port
+    stalled_engine: bool = False  # silent while the engine stalled on it; cleared when it answers
     cordoned: bool = False
     load: dict[str, Any] = field(default_factory=dict)
     deaths: list[float] = field(default_factory=list)
@@ -182,6 +183,7 @@ class Membership:
                 node.wall_joined_at = time.time()
                 node.rpc_ready = bool(body.get("rpc_ready"))
                 node.rpc_refused = False  # a new process: the probe before loading decides again
+                node.stalled_engine = False
             elif node.state == NodeState.SUSPECT:
                 self._set(node, NodeState.ALIVE, now)
             events.append(Event(kind, name, f"{name} {kind}ed from {address}" if rejoin else f"{name} re-announced"))
@@ -254,6 +256,7 @@ class Membership:
                 events.append(Event("rpc_up", node.name, f"{node.name}: RPC server is back"))
         if node.state == NodeState.SUSPECT:
             self._set(node, NodeState.ALIVE, now)
+            node.stalled_engine = False
             events.append(Event("recovered", node.name, f"{node.name} is answering again"))
         elif node.state in (NodeState.DEAD, NodeState.LEFT):
             self._set(node, NodeState.JOINING, now)
@@ -323,6 +326,16 @@ class Membership:
         node.rpc_refused = node.rpc_refused or refused
         node.reason = reason
         return [Event("suspect", name, f"{name} is suspect: {reason}")] if first else []
+
+    def blame_stall(self, name: str) -> list[Event]:
+        """The engine is stalled and this planned node is silent: it is what the engine waits
+        on. It leaves the plan now rather than when declared dead; answering clears this."""
+        node = self.nodes.get(name)
+        if node is None or node.state != NodeState.SUSPECT or node.stalled_engine:
+            return []
+        node.stalled_engine = True
+        node.reason = "silent while the engine waits on it"
+        return [Event("stall", name, f"{name} is silent and the engine is stalled waiting on it: re-planning without it")]
 
     def rpc_reachable(self, name: str, *, now: float) -> list[Event]:
         """A probe reached the RPC port again after it had been refused."""

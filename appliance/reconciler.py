@@ -16,7 +16,9 @@ Hysteresis against reload storms:
   * a node in the loaded plan that is only suspect or re-joining holds the plan (no
     re-plan) — it is either back soon or declared dead; the exception is a node whose
     RPC port the head found refusing connections (its RPC server process is gone, so the
-    engine cannot use it whatever its heartbeats say): it leaves the plan at once;
+    engine cannot use it whatever its heartbeats say): it leaves the plan at once; and so
+    does a suspect node while the engine is stalled (requests wait, no token comes): the
+    silent box is what it waits on, and holding the plan would only hold the stall;
   * new nodes join the plan only once they are ALIVE, i.e. after a settle time that
     doubles with each recent death (membership.py);
   * free-memory jitter never re-plans: the plan changes only when the set of usable
@@ -51,6 +53,7 @@ class NodeView:
     state_age_s: float = 0.0  # time in the current state
     rpc_down_s: float = 0.0  # how long a live node's RPC server has been down (0: up)
     rpc_refused: bool = False  # the head's probe was refused: nothing listens on the RPC port
+    stalled_engine: bool = False  # went silent while the engine stalled waiting on it (until it answers)
 
     @property
     def usable(self) -> bool:
@@ -135,6 +138,7 @@ def desired_state(
             or by_name[name].cordoned
             or by_name[name].rpc_down_s > rpc_grace_s
             or by_name[name].rpc_refused
+            or (by_name[name].state == "suspect" and by_name[name].stalled_engine)
             or by_name[name].endpoint != current.rpc_assignments[in_plan.index(name)].endpoint
         ]
         if not lost:

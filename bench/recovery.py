@@ -81,13 +81,13 @@ def events_since(url: str, last_id: int) -> list[dict[str, Any]]:
     return data["events"] if isinstance(data, dict) else data
 
 
-def kill_tree(c: LocalCluster, name: str) -> float:
+def kill_tree(c: LocalCluster, name: str, sig: int = signal.SIGKILL) -> float:
     agent = psutil.Process(c.procs[name].pid)
     procs = [agent, *agent.children(recursive=True)]
     t = time.time()
     for p in procs:
         try:
-            p.send_signal(signal.SIGKILL)
+            p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
     return t
@@ -105,11 +105,15 @@ def wait_load(c: LocalCluster, *, after_gen: int) -> dict[str, Any]:
     )
 
 
-def one_fault(c: LocalCluster, model_id: str, victim: str, expected: str, args: argparse.Namespace) -> dict[str, Any]:
+def one_fault(c: LocalCluster, model_id: str, victim: str, expected: str, args: argparse.Namespace,
+              *, hang: bool = False) -> dict[str, Any]:
+    """SIGKILL (or, with `hang`, SIGSTOP: a hung or unplugged box, no TCP reset) the victim's
+    process tree mid-stream."""
     st = c.cluster_state()
     assert st is not None
     last_id = st["events_last_id"]
-    out = stream_chat(c.url, model_id, tokens=args.tokens, kill_after=args.kill_after, kill=lambda: kill_tree(c, victim))
+    sig = signal.SIGSTOP if hang else signal.SIGKILL
+    out = stream_chat(c.url, model_id, tokens=args.tokens, kill_after=args.kill_after, kill=lambda: kill_tree(c, victim, sig))
     t_kill = out["killed_at"]
     assert t_kill is not None, "the stream ended before the kill"
     times = out["times"]
@@ -131,7 +135,10 @@ def one_fault(c: LocalCluster, model_id: str, victim: str, expected: str, args: 
             (e["ts"] - t_kill for e in evs if e["kind"] == "engine_ready" and e["ts"] - t_kill >= declared), None
         )
     t_back = time.time()
-    c.restart(victim)
+    if hang:
+        kill_tree(c, victim, signal.SIGCONT)
+    else:
+        c.restart(victim)
     c.wait(lambda s: victim in holders(s) and s["engine"]["state"] == "serving", timeout_s=180, what=f"{victim} back in the plan")
     back_s = time.time() - t_back
     res = {
@@ -148,7 +155,7 @@ def one_fault(c: LocalCluster, model_id: str, victim: str, expected: str, args: 
         "events": [f"{e['ts'] - t_kill:+.3f}s {e['kind']} {e['node']} {e['message']}" for e in evs],
     }
     log(
-        f"  {victim}: first sign {fmt(first_sign)}, declared {fmt(declared)}, serving {fmt(res['serving_s'])}, "
+        f"  {victim}{' (hung)' if hang else ''}: first sign {fmt(first_sign)}, declared {fmt(declared)}, serving {fmt(res['serving_s'])}, "
         f"max gap {fmt(res['max_gap_s'])}, identical={res['text_identical']}, back in plan after {back_s:.1f}s"
     )
     return res
@@ -221,6 +228,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 faults.append(one_fault(c, model_id, victim, expected, args))
                 time.sleep(args.pause_s)
             results["faults"] = faults
+            hung = []
+            for rep in range(max(1, args.reps // 2)):
+                victim = f"w{rep % args.workers + 1}"
+                log(f"hang {rep + 1}: SIGSTOP {victim}'s processes after {args.kill_after} chunks")
+                hung.append(one_fault(c, model_id, victim, expected, args, hang=True))
+                time.sleep(args.pause_s)
+            results["hung_faults"] = hung
             idle = []
             for rep in range(args.reps):
                 victim = f"w{rep % args.workers + 1}"
@@ -245,12 +259,20 @@ def summary(results: dict[str, Any]) -> dict[str, float | None]:
         return max(xs) if xs else None
 
     idle = results.get("idle_faults") or []
+    hung = results.get("hung_faults") or []
+
+    def hung_med(key: str) -> float | None:
+        xs = [f[key] for f in hung if f[key] is not None]
+        return median(xs) if xs else None
 
     def idle_med(key: str) -> float | None:
         xs = [f[key] for f in idle if f[key] is not None]
         return median(xs) if xs else None
 
     return {
+        "hung_first_sign_s": hung_med("first_sign_s"),
+        "hung_declared_s": hung_med("declared_s"),
+        "hung_max_gap_s": hung_med("max_gap_s"),
         "idle_first_sign_s": idle_med("first_sign_s"),
         "idle_declared_s": idle_med("declared_s"),
         "idle_serving_s": idle_med("serving_s"),
@@ -277,11 +299,17 @@ NOTES = """## How the head finds a dead worker this fast
   with that reason and leaves the plan at once (`rpc-refused-replans-at-once` in
   tests/test_reconciler.py). The crash-loop backoff does not delay a *new* layout, only a
   retry of the one that failed.
-* A port that does not answer (an unplugged box, a hung one, a cut cable) is not proof: the
-  heartbeat detector decides, suspect after `SUSPECT_AFTER_S` and out of the plan when dead
-  after `DEAD_AFTER_S` (2 s and 5 s at the default 0.5 s heartbeat, both derived from
-  `--heartbeat-interval`). Such a fault costs a stream gap of about DEAD_AFTER_S plus a
-  reload; the fault tests cover it with SIGSTOP (tests/test_faults.py).
+* A box that hangs or vanishes without a TCP reset (SIGSTOP here; an unplugged box or a cut
+  cable alike) gives no such proof: the heartbeat detector makes it suspect after
+  `SUSPECT_AFTER_S` (2 s at the default 0.5 s heartbeat). If the engine is stalled at that
+  moment (requests waiting, no token for SUSPECT_AFTER_S), the silent node is what it waits
+  on: it leaves the plan then (a `stall` event), and the stalled engine, blocked inside ggml
+  and deaf to SIGTERM, is killed at once instead of after the stop grace. Otherwise it stays
+  in the plan until dead (`DEAD_AFTER_S`, 5 s). Before this rule the hung box cost a 9.1 s
+  stream gap (dead at 4.8 s, then 3.2 s of SIGTERM grace). The issue's aims are for a
+  SIGKILLed worker; a hung box misses them because nothing can tell it from a slow one
+  before SUSPECT_AFTER_S. A shorter `--heartbeat-interval` buys speed with more heartbeat
+  traffic and more false suspicion of busy boxes (0.3 s: suspect after 1.2 s).
 * The stream gap is the re-planned engine's load plus the replay of prompt and sent tokens
   (one token per step, for bit-exact continuation), and is checked for identical text.
 * "Back in plan" grows when the same worker was killed before within `FLAP_WINDOW_S`
@@ -317,7 +345,8 @@ def write_report(results: dict[str, Any], cmdline: str) -> str:
         f"{results['workers']} local workers over {results['network']}; the product's default timing "
         f"(heartbeat {t['heartbeat_interval_s']} s, suspect after {t['suspect_after_s']} s of silence, dead after "
         f"{t['dead_after_s']} s). Each fault: a streamed greedy chat answer of {results['tokens']} tokens, "
-        f"the worker's whole process tree SIGKILLed after {results['kill_after']} chunks. Times are from the kill "
+        f"the worker's whole process tree SIGKILLed (or, for a hung box, SIGSTOPped) after {results['kill_after']} "
+        "chunks. Times are from the signal "
         "(head event timestamps and client chunk arrival times, one clock).",
         "",
         "| | median | worst | aim |",
@@ -327,6 +356,9 @@ def write_report(results: dict[str, Any], cmdline: str) -> str:
         f"| re-planned engine serving | {fmt(s['serving_s'])} | | |",
         f"| longest gap between streamed chunks | {fmt(s['max_gap_s'])} | {fmt(s['worst_gap_s'])} | < {AIM_GAP_S} s: {ok(s['worst_gap_s'], AIM_GAP_S)} |",
         f"| worker restarted → holds layers again | {fmt(s['rejoin_to_plan_s'])} | | |",
+        f"| hung box (SIGSTOP, no TCP reset) mid-stream: first sign | {fmt(s['hung_first_sign_s'])} | | < {AIM_DETECT_S} s: {ok(s['hung_first_sign_s'], AIM_DETECT_S)} |",
+        f"| hung box: node out of the plan | {fmt(s['hung_declared_s'])} | | |",
+        f"| hung box: longest gap between streamed chunks | {fmt(s['hung_max_gap_s'])} | | < {AIM_GAP_S} s: {ok(s['hung_max_gap_s'], AIM_GAP_S)} |",
         f"| idle cluster (no request running): first sign | {fmt(s['idle_first_sign_s'])} | | < {AIM_DETECT_S} s: {ok(s['idle_first_sign_s'], AIM_DETECT_S)} |",
         f"| idle cluster: node out of the plan | {fmt(s['idle_declared_s'])} | | |",
         f"| idle cluster: re-planned engine serving | {fmt(s['idle_serving_s'])} | | |",
@@ -339,9 +371,10 @@ def write_report(results: dict[str, Any], cmdline: str) -> str:
         "| fault | victim | first sign | re-plan | serving | max gap | identical | back in plan |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for i, f in enumerate(results["faults"], 1):
+    kinds = [("kill", f) for f in results["faults"]] + [("hang", f) for f in results.get("hung_faults") or []]
+    for i, (kind, f) in enumerate(kinds, 1):
         lines.append(
-            f"| {i} | {f['victim']} | {fmt(f['first_sign_s'])} | {fmt(f['declared_s'])} | {fmt(f['serving_s'])} | "
+            f"| {i} {kind} | {f['victim']} | {fmt(f['first_sign_s'])} | {fmt(f['declared_s'])} | {fmt(f['serving_s'])} | "
             f"{fmt(f['max_gap_s'])} | {f['text_identical']} | {fmt(f['rejoin_to_plan_s'])} |"
         )
     lines += ["", "Events around the first fault, as the head logged them:", "", "```"]

@@ -27,9 +27,11 @@ PROFILE = ModelProfile(
 
 
 def node(name: str, state: str = "alive", *, mem: int = 4 * GIB, cordoned: bool = False, ready: bool = True,
-         port: int = 0, age: float = 100.0, rpc_down: float = 0.0, refused: bool = False) -> NodeView:
+         port: int = 0, age: float = 100.0, rpc_down: float = 0.0, refused: bool = False,
+         stalled: bool = False) -> NodeView:
     return NodeView(name=name, endpoint=f"10.0.0.1:{port or 50000 + int(name[1:])}", state=state, rpc_ready=ready,
-                    cordoned=cordoned, plannable_bytes=mem, state_age_s=age, rpc_down_s=rpc_down, rpc_refused=refused)
+                    cordoned=cordoned, plannable_bytes=mem, state_age_s=age, rpc_down_s=rpc_down, rpc_refused=refused,
+                    stalled_engine=stalled)
 
 
 def plan_over(*names: str, mems: dict[str, int] | None = None):  # type: ignore[no-untyped-def]
@@ -58,6 +60,8 @@ def names(d: Desired) -> list[str]:
         pytest.param([node("w1"), node("w2", "suspect", ready=False, refused=True)], ("w1", "w2"), ["w1"], "", "", id="rpc-refused-replans-at-once"),
         pytest.param([node("w1"), node("w2", ready=True, refused=True)], ("w1", "w2"), ["w1"], "", "", id="refused-despite-heartbeats-replans"),
         pytest.param([node("w1"), node("w2", ready=True, refused=True)], ("w1",), ["w1"], "", "", id="refused-node-not-taken-back"),
+        pytest.param([node("w1"), node("w2", "suspect", stalled=True)], ("w1", "w2"), ["w1"], "", "", id="suspect-that-stalled-the-engine-replans"),
+        pytest.param([node("w1"), node("w2", "alive", stalled=True)], ("w1", "w2"), ["w1", "w2"], "", "", id="stall-blame-ends-when-it-answers"),
         pytest.param([node("w1"), node("w2"), node("w3")], ("w1", "w2"), ["w1", "w3", "w2"], "", "", id="new-node-joins-plan"),
         pytest.param([node("w1"), node("w2"), node("w3", "joining", age=0.3)], ("w1", "w2"), ["w1", "w2"], "", "", id="joining-node-not-yet"),
         pytest.param([node("w1", mem=300 * MIB), node("w2", "dead")], ("w1", "w2"), None, "", "does not fit", id="survivors-too-small-degraded"),
@@ -71,6 +75,10 @@ def test_desired_state(nodes, current, expect_nodes, expect_hold, expect_degrade
         nodes=nodes, profile=PROFILE, n_ctx=2048,
         current=cur.plan if cur else None, current_considered=cur.considered if cur else frozenset(),
     )
+    assert_desired(d, expect_nodes, expect_hold, expect_degraded)
+
+
+def assert_desired(d: Desired, expect_nodes, expect_hold, expect_degraded) -> None:  # type: ignore[no-untyped-def]
     if expect_nodes is None:
         assert d.plan is None
     else:

@@ -55,6 +55,7 @@ EVENT_KIND_STYLE: dict[str, str] = {
     "engine_stop": "yellow",
     "waiting": "dim",
     "suspect": "bold yellow",
+    "stall": "bold yellow",
     "warning": "yellow",
     "degraded": "bold red",
     "dead": "bold red",
