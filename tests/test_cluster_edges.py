@@ -215,3 +215,38 @@ def test_a_killed_idle_worker_leaves_the_plan_before_heartbeats_expire(make_clus
     # Back as a new process: probed, taken back in.
     c.restart("w1")
     c.wait(lambda s: layered(s) == {"w1", "w2"}, timeout_s=60, what="w1 back in the plan")
+
+
+def test_a_hung_worker_that_stalls_a_stream_leaves_the_plan_before_it_is_dead(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGSTOP (a hung box: no TCP reset, the port still accepts) mid-stream. The engine stalls
+    on it; once it is also silent for SUSPECT_AFTER_S it leaves the plan (`stall`), long before
+    the heartbeat detector would call it dead (heartbeat 1 s: suspect at 4 s, dead at 10 s)."""
+    import psutil
+
+    c = make_cluster(tiny_model, workers=2, heartbeat=1.0)
+    c.wait_serving(nodes=2, timeout_s=120)
+    last_id = c.cluster_state()["events_last_id"]
+    client = OpenAI(base_url=f"{c.url}/v1", api_key="x", max_retries=0, timeout=120)
+    mid = client.models.list().data[0].id
+    prompt = "The history of the printing press"
+    want = client.completions.create(model=mid, prompt=prompt, max_tokens=80, temperature=0).choices[0].text
+    agent = psutil.Process(c.procs["w1"].pid)
+    tree = [agent, *agent.children(recursive=True)]
+    parts = []
+    try:
+        stream = client.completions.create(model=mid, prompt=prompt, max_tokens=80, temperature=0, stream=True)
+        for i, chunk in enumerate(stream):
+            parts.append(chunk.choices[0].text if chunk.choices else "")
+            if i == 10:
+                for p in tree:
+                    p.suspend()
+        evs = httpx.get(f"{c.url}/v1/events", params={"since": last_id}).json()["events"]
+    finally:
+        for p in tree:
+            p.resume()
+    assert "".join(parts) == want
+    kinds = [(e["kind"], e["node"]) for e in evs]
+    assert ("stall", "w1") in kinds, kinds
+    replan = next(i for i, e in enumerate(evs) if e["kind"] == "replan" and "w1:" not in e["message"])
+    assert ("dead", "w1") not in kinds[:replan], "the heartbeat detector, not the stall rule, took w1 out"
+    c.wait(lambda s: layered(s) == {"w1", "w2"}, timeout_s=60, what="w1 back in the plan after SIGCONT")
