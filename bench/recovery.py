@@ -81,6 +81,11 @@ def events_since(url: str, last_id: int) -> list[dict[str, Any]]:
     return data["events"] if isinstance(data, dict) else data
 
 
+def first_after(evs: list[dict[str, Any]], t0: float, pred: Any) -> float | None:
+    """Seconds from `t0` to the first event matching `pred`, or None."""
+    return next((e["ts"] - t0 for e in evs if pred(e)), None)
+
+
 def kill_tree(c: LocalCluster, name: str, sig: int = signal.SIGKILL) -> float:
     agent = psutil.Process(c.procs[name].pid)
     procs = [agent, *agent.children(recursive=True)]
@@ -123,7 +128,7 @@ def one_fault(c: LocalCluster, model_id: str, victim: str, expected: str, args: 
     evs = [e for e in events_since(c.url, last_id) if e["ts"] >= t_kill - 0.05]
 
     def first(pred: Any) -> float | None:
-        return next((e["ts"] - t_kill for e in evs if pred(e)), None)
+        return first_after(evs, t_kill, pred)
 
     first_sign = first(lambda e: e["kind"] in ("engine_crash", "rpc_down", "suspect", "dead") and e["node"] in ("", victim))
     declared = first(lambda e: e["kind"] == "replan" and f"{victim}:" not in e["message"])
@@ -171,7 +176,7 @@ def idle_fault(c: LocalCluster, victim: str) -> dict[str, Any]:
     evs = [e for e in events_since(c.url, last_id) if e["ts"] >= t_kill - 0.05]
 
     def first(pred: Any) -> float | None:
-        return next((e["ts"] - t_kill for e in evs if pred(e)), None)
+        return first_after(evs, t_kill, pred)
 
     res = {
         "victim": victim,
@@ -250,24 +255,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summary(results: dict[str, Any]) -> dict[str, float | None]:
-    def med(key: str) -> float | None:
-        xs = [f[key] for f in results["faults"] if f[key] is not None]
-        return median(xs) if xs else None
-
-    def worst(key: str) -> float | None:
-        xs = [f[key] for f in results["faults"] if f[key] is not None]
-        return max(xs) if xs else None
-
-    idle = results.get("idle_faults") or []
+    faults = results["faults"]
     hung = results.get("hung_faults") or []
+    idle = results.get("idle_faults") or []
 
-    def hung_med(key: str) -> float | None:
-        xs = [f[key] for f in hung if f[key] is not None]
-        return median(xs) if xs else None
+    def agg(rows: list[dict[str, Any]], key: str, how: Any = median) -> float | None:
+        xs = [f[key] for f in rows if f[key] is not None]
+        return how(xs) if xs else None
 
-    def idle_med(key: str) -> float | None:
-        xs = [f[key] for f in idle if f[key] is not None]
-        return median(xs) if xs else None
+    med = lambda key: agg(faults, key)  # noqa: E731
+    worst = lambda key: agg(faults, key, max)  # noqa: E731
+    hung_med = lambda key: agg(hung, key)  # noqa: E731
+    idle_med = lambda key: agg(idle, key)  # noqa: E731
 
     return {
         "hung_first_sign_s": hung_med("first_sign_s"),
