@@ -37,7 +37,7 @@ def main() -> int:
     _logger.set_verbose(False)
     kw: dict = {"n_ctx": args.n_ctx, "verbose": False}
     if args.rpc:
-        from appliance import ggml
+        from appliance.common import ggml
 
         ggml.register_rpc_servers(args.rpc.split(","))
         kw.update(n_gpu_layers=args.n_gpu_layers, tensor_split=[float(x) for x in args.split.split(",")])

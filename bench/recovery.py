@@ -36,12 +36,12 @@ from typing import Any
 import httpx
 import psutil
 
-from appliance.config import Timing
-from appliance.models import resolve_model
-from appliance.profile import load_profile
+from appliance.common.config import Timing
+from appliance.common.modelfile import resolve_model
+from appliance.common.modelfile import load_profile
 from bench.common import median
 from bench.run import log, start_cluster
-from appliance.up import LocalCluster
+from appliance.cli.up import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]

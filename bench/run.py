@@ -37,9 +37,9 @@ from typing import Any
 
 import httpx
 
-from appliance.models import resolve_model
-from appliance.profile import load_profile
-from appliance.up import LocalCluster, free_port
+from appliance.common.modelfile import resolve_model
+from appliance.common.modelfile import load_profile
+from appliance.cli.up import LocalCluster, free_port
 from bench.common import DECODE_PROMPT, long_prompt, median
 
 ROOT = Path(__file__).resolve().parent.parent

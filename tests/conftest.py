@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from appliance.config import cache_dir  # noqa: E402
-from appliance.models import fetch_demo  # noqa: E402
-from appliance.up import LocalCluster  # noqa: E402
+from appliance.common.config import cache_dir  # noqa: E402
+from appliance.common.modelfile import fetch_demo  # noqa: E402
+from appliance.cli.up import LocalCluster  # noqa: E402
 from helpers import derive_model  # noqa: E402
 
 os.environ.setdefault("ANYWAY_LOG_LEVEL", "info")

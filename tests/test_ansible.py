@@ -354,7 +354,7 @@ def test_controller_keys_are_valid_curve_keys(tmp_path: Path) -> None:
     """The controller-side key generator (no pyzmq needed) writes what `anyway keys init` does."""
     import zmq
 
-    from appliance.keys import load_head_keys, load_worker_keys
+    from appliance.common.keys import load_head_keys, load_worker_keys
 
     script = ANSIBLE_DIR / "roles" / "anyway_common" / "files" / "anyway_keys.py"
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "k")], capture_output=True, text=True, check=True)

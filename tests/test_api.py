@@ -40,7 +40,7 @@ BAD_REQUESTS = [
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):  # type: ignore[no-untyped-def]
-    from appliance.up import LocalCluster
+    from appliance.cli.up import LocalCluster
 
     c = LocalCluster(model=tiny_model, state_dir=tmp_path_factory.mktemp("api"), heartbeat_interval=0.2, n_ctx=2048)
     c.start_head()

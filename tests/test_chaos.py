@@ -33,7 +33,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from appliance.up import LocalCluster
+from appliance.cli.up import LocalCluster
 
 WORKERS = ("w1", "w2", "w3")
 CLIENTS = 3

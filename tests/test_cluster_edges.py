@@ -15,10 +15,10 @@ import pytest
 import zmq
 from openai import OpenAI
 
-from appliance import protocol as P
-from appliance.keys import init_keys, load_worker_keys
-from appliance.planner import MIB, NodeCapacity, PlanError, make_plan
-from appliance.profile import load_profile
+from appliance.common import protocol as P
+from appliance.common.keys import init_keys, load_worker_keys
+from appliance.core.planner import MIB, NodeCapacity, PlanError, make_plan
+from appliance.common.modelfile import load_profile
 
 from conftest import N_CTX
 

@@ -22,7 +22,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from appliance.up import LocalCluster
+from appliance.cli.up import LocalCluster
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 N_TOKENS = 160

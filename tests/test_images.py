@@ -34,8 +34,8 @@ import httpx
 import pytest
 import yaml
 
-from appliance.keys import init_keys, load_worker_keys
-from appliance.up import free_port
+from appliance.common.keys import init_keys, load_worker_keys
+from appliance.cli.up import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "images"

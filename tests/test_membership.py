@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.config import Timing
-from appliance.membership import Membership, NodeState, Refusal
-from appliance.protocol import PROTOCOL_MAJOR
+from appliance.common.config import Timing
+from appliance.core.membership import Membership, NodeState, Refusal
+from appliance.common.protocol import PROTOCOL_MAJOR
 
-T = Timing().with_interval(0.5)  # suspect after 2 s, dead after 5 s, settle 1 s
+T = Timing().with_interval(0.5).heartbeat  # suspect after 2 s, dead after 5 s, settle 1 s
 
 
 def hello(name: str = "w1", node_id: str = "id-1", **over):  # type: ignore[no-untyped-def]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.planner import GIB, MIB, NodeCapacity, Plan, PlanError, make_plan, parse_bytes
-from appliance.profile import ModelProfile
+from appliance.core.planner import GIB, MIB, NodeCapacity, Plan, PlanError, make_plan, parse_bytes
+from appliance.core.profile import ModelProfile
 
 LAYER = 100 * MIB
 
@@ -144,7 +144,7 @@ def test_plan_is_deterministic_and_roundtrips() -> None:
     ],
 )
 def test_speed_classes(speeds: list[float], classes: list[list[int]]) -> None:
-    from appliance.planner import speed_classes
+    from appliance.core.planner import speed_classes
 
     assert speed_classes(speeds) == classes
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.profile import ProfileError, load_profile
+from appliance.common.modelfile import ProfileError, load_profile
 
 
 def test_demo_model_profile(demo_model: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance import protocol as P
+from appliance.common import protocol as P
 
 
 def test_roundtrip() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.config import Timing
-from appliance.planner import GIB, MIB
-from appliance.profile import ModelProfile
-from appliance.reconciler import (
+from appliance.common.config import Timing
+from appliance.core.planner import GIB, MIB
+from appliance.core.profile import ModelProfile
+from appliance.core.reconciler import (
     Desired,
     EngineView,
     NodeView,
@@ -18,7 +18,7 @@ from appliance.reconciler import (
     reconcile,
 )
 
-T = Timing()
+T = Timing().engine
 PROFILE = ModelProfile(
     path="m.gguf", file_bytes=1, architecture="llama", name="m", n_layers=10, layer_bytes=(100 * MIB,) * 10,
     input_bytes=50 * MIB, output_bytes=50 * MIB, kv_bytes_per_token_per_layer=1024, context_length=4096,
@@ -186,7 +186,7 @@ def test_converges_from_any_state_by_repeated_steps() -> None:
 
 
 def test_crash_loop_guard_backs_off_the_same_layout_but_not_a_new_one() -> None:
-    from appliance.procutil import CrashLoopGuard
+    from appliance.core.crashloop import CrashLoopGuard
 
     g = CrashLoopGuard(window_s=60, max_starts=3, backoff_min_s=0.5, backoff_max_s=30)
     g.record_start(0.0)

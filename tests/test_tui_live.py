@@ -25,7 +25,7 @@ import httpx
 import pytest
 from textual.pilot import Pilot
 
-from appliance.up import free_port
+from appliance.cli.up import free_port
 from tui.app import AnywayApp
 from tui.screens.chat import ChatScreen
 from tui.screens.cluster import ClusterScreen

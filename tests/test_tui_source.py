@@ -105,7 +105,7 @@ def test_chat_stream_yields_deltas_and_raises_on_error_events() -> None:
 
 def test_nothing_listening_is_unreachable() -> None:
     async def main() -> None:
-        from appliance.up import free_port
+        from appliance.cli.up import free_port
 
         src = HttpSource(url=f"http://127.0.0.1:{free_port()}", timeout_s=2)
         with pytest.raises(HeadUnreachable, match="connection refused"):

@@ -13,7 +13,7 @@ import httpx
 import psutil
 from openai import OpenAI
 
-from appliance.up import free_port
+from appliance.cli.up import free_port
 
 
 def processes_mentioning(text: str) -> list[psutil.Process]:
@@ -52,7 +52,7 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path: Path, tiny_model: Path
         kinds = " ".join(" ".join(p.cmdline()) for p in running)
         # head, 2 workers, the engine and 2 RPC servers are all separate processes
         assert kinds.count("appliance head") == 1 and kinds.count("appliance worker") == 2
-        assert kinds.count("appliance.engine") == 1 and kinds.count("appliance.rpc_server") == 2
+        assert kinds.count("appliance.engine") == 1 and kinds.count("appliance.worker.rpc_server") == 2
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         model_id = client.models.list().data[0].id
         answer = client.chat.completions.create(

@@ -2,7 +2,7 @@
 CPU worker and a GPU worker, and greedy equality with the same layout in one process."""
 import json, os, subprocess, sys, time
 sys.path.insert(0, os.getcwd())
-from appliance import ggml
+from appliance.common import ggml
 out = {}
 devs = ggml.local_devices()
 out["devices"] = [d.to_dict() for d in devs]
@@ -12,7 +12,7 @@ out["auto_serves"] = devs[gpu].name
 out["speed_gflops"] = {"gpu": ggml.measure_speed(device_index=gpu, n_threads=1),
                        "cpu_16t": ggml.measure_speed(device_index=cpu, n_threads=16)}
 print(json.dumps(out, indent=1), flush=True)
-servers = [subprocess.Popen([sys.executable, "-m", "appliance.rpc_server", "--endpoint", ep, "--device", dev, "--threads", "8"],
+servers = [subprocess.Popen([sys.executable, "-m", "appliance.worker.rpc_server", "--endpoint", ep, "--device", dev, "--threads", "8"],
                             stdout=open(f"/tmp/rpc-{dev}.log", "w"), stderr=subprocess.STDOUT)
            for ep, dev in (("127.0.0.1:50052", "cpu"), ("127.0.0.1:50053", "gpu"))]
 time.sleep(4)
@@ -22,7 +22,7 @@ def gen(kind):
     code = f"""
 import sys, json; sys.path.insert(0, '.')
 from llama_cpp import Llama, _logger; _logger.set_verbose(False)
-from appliance import ggml
+from appliance.common import ggml
 kind = {kind!r}
 if kind == 'split':
     ggml.register_rpc_servers(['127.0.0.1:50052', '127.0.0.1:50053'])

@@ -1,0 +1,70 @@
+"""Control-plane wire protocol between worker agents (DEALER) and the head (ROUTER).
+
+Every message is three frames: [PROTOCOL, TYPE, JSON body]. The ROUTER side sees the
+sender's routing id as an extra first frame. Anything else (wrong frame count, unknown
+protocol or type, a body that is not a JSON object or is too large) is rejected by
+`decode` with `BadFrame`; callers log it and drop it, never crash.
+
+Worker -> head: HELLO (announce), HEARTBEAT (liveness + load), RPC_READY, BYE.
+Head -> worker: WELCOME (accepted: where to bind the RPC server), REFUSE (with reason),
+HEARTBEAT, REANNOUNCE (head does not know you: say HELLO again, e.g. after a head restart).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL = b"ANYWAY/1"
+PROTOCOL_MAJOR = 1
+
+HELLO = b"HELLO"
+HEARTBEAT = b"HB"
+RPC_READY = b"RPC_READY"
+BYE = b"BYE"
+WELCOME = b"WELCOME"
+REFUSE = b"REFUSE"
+REANNOUNCE = b"REANNOUNCE"
+
+WORKER_TYPES = frozenset({HELLO, HEARTBEAT, RPC_READY, BYE})
+HEAD_TYPES = frozenset({WELCOME, REFUSE, HEARTBEAT, REANNOUNCE})
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BadFrame(ValueError):
+    """A message that does not follow the protocol."""
+
+
+@dataclass(frozen=True)
+class Message:
+    type: bytes
+    body: dict[str, Any]
+
+
+def encode(msg_type: bytes, body: dict[str, Any] | None = None) -> list[bytes]:
+    return [PROTOCOL, msg_type, json.dumps(body or {}, separators=(",", ":")).encode()]
+
+
+def decode(frames: list[bytes], *, allowed: frozenset[bytes]) -> Message:
+    if len(frames) != 3:
+        raise BadFrame(f"expected 3 frames, got {len(frames)}")
+    proto, msg_type, raw = frames
+    if proto != PROTOCOL:
+        shown = proto[:32]
+        if proto.startswith(b"ANYWAY/"):
+            raise BadFrame(f"protocol version mismatch: peer speaks {shown!r}, this node {PROTOCOL!r}")
+        raise BadFrame(f"unknown protocol {shown!r}")
+    if msg_type not in allowed:
+        raise BadFrame(f"unknown message type {msg_type[:32]!r}")
+    if len(raw) > MAX_BODY_BYTES:
+        raise BadFrame(f"body too large ({len(raw)} bytes)")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadFrame(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadFrame("body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise BadFrame("body is not a JSON object")
+    return Message(msg_type, body)

@@ -1,0 +1,114 @@
+"""The engine process's main loop: load the model, then serve the head's socket.
+
+Started by the head (`python -m appliance.engine ...`), one per plan generation. It
+connects a DEALER to the head's ipc:// ROUTER with its generation as identity, loads
+the model over the plan's RPC workers (reporting progress), and then alternates
+between draining the socket and one scheduling step of the `Engine`. It dies with
+the head (PR_SET_PDEATHSIG); a SIGTERM or a `stop` message ends it; ggml may abort it
+at any time (a worker vanished), which is why it is its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from appliance.common import engine_protocol as ep
+from appliance.common import logs
+from appliance.common.config import EngineTiming
+from appliance.common.process import die_with_parent
+from appliance.core.planner import Plan
+from appliance.engine.engine import Engine
+
+log = logs.get("engine")
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.setup(proc="engine")
+    die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    heartbeat_s = float(args.heartbeat_interval)
+    zctx = zmq.Context()
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.IDENTITY, args.identity.encode())
+    sock.connect(args.connect)
+
+    def send(msg: ep.Message) -> None:
+        sock.send(ep.encode(msg))
+
+    with open(args.plan) as fh:
+        plan = Plan.from_dict(json.load(fh))
+    send(ep.Hello(pid=os.getpid()))
+    eng = Engine(
+        model_path=args.model,
+        plan=plan,
+        n_ctx_seq=args.n_ctx,
+        max_batch=args.max_batch,
+        n_threads=args.threads,
+        send=send,
+    )
+    t0 = time.monotonic()
+    try:
+        eng.load()
+    except Exception as exc:  # noqa: BLE001 - reported to the head, then exit
+        send(ep.Failed(error=str(exc)))
+        sock.close(linger=1000)
+        return 3
+    send(ep.Ready(n_ctx_seq=eng.n_ctx_seq, max_batch=eng.max_batch, load_s=round(time.monotonic() - t0, 3)))
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    last_hb = 0.0
+    while True:
+        timeout_ms = 0 if eng.busy else int(heartbeat_s * 1000)
+        events = dict(poller.poll(timeout_ms))
+        if sock in events:
+            while True:
+                try:
+                    raw = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    msg = ep.decode(raw, allowed=ep.TO_ENGINE)
+                except ep.BadMessage as exc:
+                    log.warning("bad_message_dropped", size=len(raw), reason=str(exc))
+                    continue
+                if isinstance(msg, ep.Submit):
+                    eng.submit(msg)
+                elif isinstance(msg, ep.Cancel):
+                    eng.cancel(msg.id)
+                elif isinstance(msg, ep.Stop):
+                    sock.close(linger=500)
+                    return 0
+        if eng.busy:
+            eng.step()
+        now = time.monotonic()
+        if now - last_hb >= heartbeat_s:
+            last_hb = now
+            send(ep.Heartbeat(active=len(eng.active), queued=len(eng.queue), steps=eng.steps, tokens=eng.tokens_out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="anyway-engine", description="Anyway engine process (started by the head)")
+    p.add_argument("--connect", required=True, help="head's engine socket (ipc://...)")
+    p.add_argument("--identity", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--plan", required=True, help="plan JSON file")
+    p.add_argument("--n-ctx", type=int, required=True, help="context per sequence")
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--heartbeat-interval", type=float, default=EngineTiming().ENGINE_HEARTBEAT_INTERVAL_S,
+        help="seconds between progress heartbeats to the head",
+    )
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The head's configuration: what `anyway head` was asked to serve, and how.
+
+Parsed once by the CLI (flags, or a YAML file with the same names) into this frozen
+value; the supervisor, the API and the engine manager read it, nobody changes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from appliance.common.config import DEFAULT_API_PORT, DEFAULT_CONTROL_PORT, DEFAULT_MAX_BATCH, DEFAULT_N_CTX, Timing
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    model_path: str
+    """The GGUF file; only the head reads it (workers receive their layers over RPC)."""
+    control_bind: str = f"tcp://0.0.0.0:{DEFAULT_CONTROL_PORT}"
+    """ZeroMQ endpoint the workers' agents connect to."""
+    api_host: str = "127.0.0.1"
+    api_port: int = DEFAULT_API_PORT
+    n_ctx: int = DEFAULT_N_CTX
+    """Context per request (per sequence), tokens."""
+    max_batch: int = DEFAULT_MAX_BATCH
+    """Requests decoded together (each has its own KV cache stream)."""
+    head_memory_bytes: int = 0
+    """Memory the head's own CPU lends to layers (0: none)."""
+    strategy: str = "speed"
+    """Placement strategy: speed, memory or proportional (appliance.core.planner)."""
+    max_tokens: int = 0
+    """Per-request completion limit (0: up to the context)."""
+    engine_threads: int = 0
+    """llama.cpp threads in the engine (0: its default)."""
+    api_key: str | None = None
+    """Bearer token required on /v1 (None: open)."""
+    max_body_bytes: int = 1 << 20
+    """Largest HTTP request body."""
+    run_dir: str = ""
+    """Where the engine's socket and plan files go (default: a fresh temporary directory)."""
+    model_name: str = ""
+    """Model id on the API (default: the file name without .gguf)."""
+    timing: Timing = field(default_factory=Timing)

@@ -1,0 +1,241 @@
+"""The head's control-plane endpoint: a CurveZMQ ROUTER that workers' DEALERs connect to.
+
+It authenticates nodes (ZAP: only the cluster's client key may connect), decodes
+protocol frames (anything malformed is logged, counted and dropped), feeds the
+membership state machine, and sends heartbeats to every live node so workers can
+tell a dead head from a quiet one. Heartbeats from an identity it does not know
+(e.g. after a head restart) get REANNOUNCE, and the worker says HELLO again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from appliance.common import logs, protocol
+from appliance.common.config import HeartbeatTiming, RecoveryTiming
+from appliance.common.kinds import EventKind
+from appliance.common.keys import HeadKeys
+from appliance.core.membership import Event, Membership, Refusal
+
+log = logs.get("head.control")
+
+
+class _Auth(AsyncioAuthenticator):
+    """ZAP handler that reports refused keys to the head's event log."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, allowed: set[bytes], on_refuse: Callable[[str, str], None]) -> None:
+        super().__init__(ctx)
+        self.allowed_keys = allowed
+        self.on_refuse = on_refuse
+        self._address = ""
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self._address = msg[3].decode(errors="replace") if len(msg) > 3 else ""
+        await super().handle_zap_message(msg)
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:  # type: ignore[override]
+        z85 = zmq.utils.z85.encode(client_key)
+        if z85 in self.allowed_keys:
+            return True, b"OK"
+        self.on_refuse(self._address, z85.decode()[:8])
+        return False, b"Unknown key"
+
+
+class ControlServer:
+    def __init__(
+        self,
+        *,
+        bind: str,
+        keys: HeadKeys | None,
+        membership: Membership,
+        heartbeat: HeartbeatTiming,
+        recovery: RecoveryTiming,
+        on_events: Callable[[list[Event]], None],
+        on_bad_frame: Callable[[str], None],
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
+        self.bind = bind
+        self.keys = keys
+        self.membership = membership
+        self.hb = heartbeat
+        self.t = recovery
+        self.on_events = on_events
+        self.on_bad_frame = on_bad_frame
+        self.on_disconnect = on_disconnect
+        self.ctx = zmq.asyncio.Context.instance()
+        self.auth: _Auth | None = None
+        self.sock: zmq.asyncio.Socket | None = None
+        self._last_bad_log = 0.0
+        self._bad_since_report = 0
+        self.bad_frames = 0
+
+    def start(self) -> None:
+        if self.keys is not None:
+            import zmq.auth
+
+            allowed = set()
+            for path in self.keys.allowed_clients_dir.glob("client*.key"):
+                pub, _ = zmq.auth.load_certificate(str(path))
+                allowed.add(pub)
+            self.auth = _Auth(self.ctx, allowed, self._refused_key)
+            self.auth.start()
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        s.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        if self.keys is not None:
+            s.curve_secretkey = self.keys.secret
+            s.curve_publickey = self.keys.public
+            s.curve_server = True
+        s.bind(self.bind)
+        self.sock = s
+        log.info("control_listening", bind=self.bind, curve=self.keys is not None)
+
+    async def monitor_loop(self) -> None:
+        """Watch the control socket's connections.
+
+        A dropped connection (a worker process died: its kernel closed the TCP connection)
+        calls `on_disconnect`, so the head checks its workers' RPC ports at once instead of
+        waiting for heartbeats to go silent. Failed CurveZMQ handshakes (a node holding
+        another cluster's keys) become `refused` events.
+        """
+        assert self.sock is not None
+        from zmq.utils.monitor import parse_monitor_message
+
+        mask = zmq.EVENT_DISCONNECTED
+        if self.keys is not None:
+            mask |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        mon = self.sock.get_monitor_socket(mask)
+        last: dict[str, float] = {}
+        try:
+            while True:
+                try:
+                    ev = parse_monitor_message(await mon.recv_multipart())
+                except (ValueError, KeyError, IndexError) as exc:
+                    log.warning("monitor_message_dropped", error=str(exc))
+                    continue
+                log.debug("control_monitor_event", kind=int(ev["event"]))
+                if ev["event"] == zmq.EVENT_DISCONNECTED:
+                    if self.on_disconnect is not None:
+                        self.on_disconnect()
+                    continue
+                if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    continue  # the ZAP handler already reported it, with the key
+                where = ev.get("endpoint", b"")
+                where = where.decode(errors="replace") if isinstance(where, bytes) else str(where)
+                now = time.monotonic()
+                if now - last.get(where, -1e9) < self.t.REFUSED_EVENT_INTERVAL_S:
+                    continue  # a refused node retries; one event per interval is enough
+                last[where] = now
+                self.on_events(
+                    [Event(EventKind.REFUSED, "", f"a connection on {where} was refused: CURVE handshake failed "
+                                         "(a node with another cluster's keys?)")]
+                )
+        except (zmq.ZMQError, asyncio.CancelledError):
+            pass
+        finally:
+            mon.close(linger=0)
+
+    def _refused_key(self, address: str, key_prefix: str) -> None:
+        self.on_events([Event(EventKind.REFUSED, "", f"connection from {address or '?'} refused: unknown cluster key {key_prefix}…")])
+
+    def _bad(self, why: str, ident: bytes) -> None:
+        """Count a dropped frame; log it and make a `bad_frame` event at most once per
+        BAD_FRAME_LOG_INTERVAL_S (garbage must not flood the log or the event ring)."""
+        self.bad_frames += 1
+        self._bad_since_report += 1
+        self.on_bad_frame(why)
+        now = time.monotonic()
+        if now - self._last_bad_log > self.t.BAD_FRAME_LOG_INTERVAL_S:
+            self._last_bad_log = now
+            n, self._bad_since_report = self._bad_since_report, 0
+            log.warning("bad_frame_dropped", peer=ident[:16].hex(), reason=why, count=n)
+            self.on_events([Event(EventKind.BAD_FRAME, "", f"dropped {n} malformed control frame(s); last: {why[:200]}")])
+
+    async def send(self, identity: bytes, msg_type: bytes, body: dict[str, Any] | None = None) -> None:
+        assert self.sock is not None
+        try:
+            await self.sock.send_multipart([identity, *protocol.encode(msg_type, body)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("send_failed", error=str(exc))
+
+    async def recv_loop(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                frames = await self.sock.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                return
+            except asyncio.CancelledError:
+                raise
+            if len(frames) < 2:
+                continue
+            ident = frames[0].bytes
+            try:
+                peer = frames[1].get("Peer-Address") or ""
+            except (zmq.ZMQError, Exception):  # noqa: BLE001 - metadata is best effort
+                peer = ""
+            try:
+                msg = protocol.decode([f.bytes for f in frames[1:]], allowed=protocol.WORKER_TYPES)
+            except protocol.BadFrame as exc:
+                self._bad(str(exc), ident)
+                if "version mismatch" in str(exc):
+                    await self.send(ident, protocol.REFUSE, {"reason": str(exc)})
+                continue
+            try:
+                await self._handle(ident, peer, msg)
+            except Exception as exc:  # noqa: BLE001 - one bad message never stops the head
+                self._bad(f"handler error: {exc}", ident)
+
+    async def _handle(self, ident: bytes, peer: str, msg: protocol.Message) -> None:
+        now = time.monotonic()
+        m = self.membership
+        if msg.type == protocol.HELLO:
+            try:
+                node, events = m.hello(identity=ident, body=msg.body, peer_address=peer, now=now)
+            except Refusal as r:
+                name = str(msg.body.get("name", "?"))[:64]
+                self.on_events([Event(EventKind.REFUSED, name, f"{name} refused: {r.reason}")])
+                await self.send(ident, protocol.REFUSE, {"reason": r.reason})
+                return
+            self.on_events(events)
+            await self.send(
+                ident,
+                protocol.WELCOME,
+                {
+                    "name": node.name,
+                    "rpc_host": node.address,
+                    "rpc_port": node.rpc_port,
+                    "heartbeat_interval_s": self.hb.HEARTBEAT_INTERVAL_S,
+                },
+            )
+        elif msg.type == protocol.HEARTBEAT:
+            node, events = m.heartbeat(identity=ident, body=msg.body, now=now)
+            if node is None:
+                await self.send(ident, protocol.REANNOUNCE, {"reason": "unknown node"})
+                return
+            self.on_events(events)
+        elif msg.type == protocol.RPC_READY:
+            node = m.rpc_ready(identity=ident, now=now)
+            if node is None:
+                await self.send(ident, protocol.REANNOUNCE, {"reason": "unknown node"})
+        elif msg.type == protocol.BYE:
+            self.on_events(m.bye(identity=ident, now=now))
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            for ident in self.membership.identities():
+                await self.send(ident, protocol.HEARTBEAT, {})
+            await asyncio.sleep(self.hb.HEARTBEAT_INTERVAL_S)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()

@@ -1,0 +1,129 @@
+"""Head-side text handling: tokenize, apply the model's chat template, detokenize, stop.
+
+The API server never holds the weights (the engine does, in another process); it loads
+the model's vocabulary only (`vocab_only=True`, a few MB) so that it can count prompt
+tokens for the context check, keep each request as tokens (what makes resumption after
+an engine restart exact), and turn sampled token ids back into text incrementally.
+Chat formatting uses the GGUF's own Jinja template the same way llama-cpp-python's
+`Llama.create_chat_completion` does, so the prompt tokens are identical.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+GENERIC_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class TemplateError(ValueError):
+    """The chat template rejected the messages (e.g. roles not alternating)."""
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    text: str
+    add_bos: bool
+    stop: tuple[str, ...]
+
+
+class Tokenizer:
+    def __init__(self, model_path: str) -> None:
+        import llama_cpp
+        from llama_cpp import _logger as llama_logger
+        from llama_cpp._internals import LlamaModel
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llama_logger.set_verbose(False)
+        self._ll = llama_cpp.llama_cpp
+        params = self._ll.llama_model_default_params()
+        params.vocab_only = True  # no weights, no context: a few MB
+        self._model = LlamaModel(path_model=model_path, params=params, verbose=False)
+        self._vocab = self._ll.llama_model_get_vocab(self._model.model)
+        eos_id, bos_id = self._model.token_eos(), self._model.token_bos()
+        self.eos_token = self._model.token_get_text(eos_id) if eos_id != -1 else ""
+        self.bos_token = self._model.token_get_text(bos_id) if bos_id != -1 else ""
+        template = self._model.metadata().get("tokenizer.chat_template")
+        self._formatter = Jinja2ChatFormatter(
+            template=template or GENERIC_TEMPLATE,
+            eos_token=self.eos_token,
+            bos_token=self.bos_token,
+            stop_token_ids=[eos_id],
+        )
+        self._buf = ctypes.create_string_buffer(256)
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Tokens of `text`; BOS only if the model asks for it (llama.cpp's add_special)."""
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def format_chat(self, messages: Sequence[dict[str, Any]]) -> ChatPrompt:
+        try:
+            result = self._formatter(messages=list(messages))
+        except Exception as exc:  # noqa: BLE001 - jinja raises many kinds
+            raise TemplateError(f"the model's chat template rejected the messages: {exc}") from None
+        stop = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
+        return ChatPrompt(text=result.prompt, add_bos=not result.added_special, stop=tuple(s for s in stop if s))
+
+    def piece(self, token: int) -> bytes:
+        n = self._ll.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self._vocab, token, big, len(big), 0, False)
+            return big.raw[:n]
+        return self._buf.raw[:n]
+
+
+class Detokenizer:
+    """Turns a stream of token ids into text deltas, never splitting a UTF-8 character.
+
+    An incremental UTF-8 decoder holds back only an incomplete character at the end; an
+    invalid byte (a byte-fallback token that is not UTF-8) becomes U+FFFD at once, and
+    the text after it streams on as usual.
+    """
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self.tok.piece(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text; holds back text that may start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        """Returns text safe to emit now; sets `hit` when a stop string appeared."""
+        if not self.stops:
+            return text
+        buf = self.held + text
+        first = min(((buf.find(s), s) for s in self.stops if s in buf), default=None)
+        if first is not None:
+            self.hit = True
+            self.held = ""
+            return buf[: first[0]]
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out

@@ -1,0 +1,140 @@
+"""The worker's ggml RPC server child: desired one server on an endpoint, actual whatever runs.
+
+`ggml_backend_rpc_start_server` never returns and can crash, so it runs in its own
+process (appliance.worker.rpc_server). `RpcChild` starts it, waits until its port
+accepts connections, notices when it died or was stopped (SIGSTOP: a hung server), and
+restarts it through a crash-loop guard; SIGTERM then SIGKILL after a grace to stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import psutil
+
+from appliance.common import logs
+from appliance.common.config import WorkerTiming
+from appliance.common.netprobe import Reach, probe_tcp, split_endpoint
+from appliance.common.process import aterminate
+from appliance.core.crashloop import CrashLoopGuard
+
+log = logs.get("worker.rpc")
+
+
+class RpcChild:
+    """Desired: one RPC server on `endpoint`. Restarts it (with a crash-loop guard) if it dies."""
+
+    def __init__(self, *, cache_dir: str, threads: int, timing: WorkerTiming, device: str = "auto") -> None:
+        self.device = device
+        self.cache_dir = cache_dir
+        self.threads = threads
+        self.t = timing
+        self.endpoint = ""
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = False
+        self.state = "stopped"
+        self.guard = CrashLoopGuard(
+            window_s=timing.RPC_RESTART_WINDOW_S,
+            max_starts=timing.RPC_RESTARTS_PER_WINDOW,
+            backoff_min_s=timing.RPC_BACKOFF_MIN_S,
+            backoff_max_s=timing.RPC_BACKOFF_MAX_S,
+        )
+        self._pump_task: asyncio.Task[None] | None = None
+        self.last_lines: list[str] = []
+
+    def rss(self) -> int:
+        if self.proc is None or self.proc.returncode is not None:
+            return 0
+        try:
+            return int(psutil.Process(self.proc.pid).memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    async def ensure(self, endpoint: str) -> bool:
+        """Make the server run on `endpoint`; True once it accepts connections."""
+        if self.endpoint != endpoint and self.proc is not None:
+            await self.stop()
+        self.endpoint = endpoint
+        if self.proc is not None and self.proc.returncode is None:
+            return self.ready
+        now = time.monotonic()
+        if not self.guard.allow(now):
+            self.state = "backoff"
+            return False
+        self.guard.record_start(now)
+        self.ready = False
+        self.state = "starting"
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "appliance.worker.rpc_server",
+            "--endpoint",
+            endpoint,
+            "--cache-dir",
+            self.cache_dir,
+            "--threads",
+            str(self.threads),
+            "--device",
+            self.device,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self._pump_task = asyncio.create_task(self._pump(self.proc), name="rpc-output")
+        host, port = split_endpoint(endpoint)
+        deadline = time.monotonic() + self.t.RPC_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                break
+            if await probe_tcp(host, port, max(self.t.RPC_READY_POLL_S, 0.5)) == Reach.OPEN:
+                self.ready = True
+                self.state = "ready"
+                log.info("rpc_server_ready", endpoint=endpoint, pid=self.proc.pid)
+                return True
+            await asyncio.sleep(self.t.RPC_READY_POLL_S)
+        self.state = "failed"
+        self.guard.record_failure(time.monotonic())
+        log.error("rpc_server_failed", endpoint=endpoint, output=" | ".join(self.last_lines[-3:])[:400])
+        if self.proc.returncode is None:
+            await aterminate(self.proc, grace_s=self.t.RPC_STOP_GRACE_S)
+        self.proc = None
+        return False
+
+    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self.last_lines = (self.last_lines + [line])[-20:]
+                log.debug("rpc_server_output", line=line[:300])
+
+    def check(self) -> bool:
+        """False (and state 'died' / 'stopped') if the child exited or was stopped since it was ready."""
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                status = psutil.Process(self.proc.pid).status()
+            except psutil.Error:
+                status = ""
+            if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+                self.state = "hung (process stopped)"
+                return False
+            if self.state.startswith("hung"):
+                self.state = "ready" if self.ready else self.state
+        if self.proc is not None and self.proc.returncode is not None:
+            code = self.proc.returncode
+            self.proc = None
+            self.ready = False
+            self.state = f"died (exit {code})"
+            self.guard.record_failure(time.monotonic())
+            log.warning("rpc_server_died", code=code, output=" | ".join(self.last_lines[-3:])[:400])
+            return False
+        return self.ready
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await aterminate(self.proc, grace_s=self.t.RPC_STOP_GRACE_S)
+        self.proc = None
+        self.ready = False
+        self.state = "stopped"
