@@ -198,9 +198,11 @@ class EngineProcess:
         # _watch_exit records the exit and tells the requests.
 
     async def close(self) -> None:
+        """The head shuts down: stop the engine (a planned stop, not a crash) and the socket."""
         if self.sink is not None:
             self.sink.on_engine_lost(self.gen, "shutdown")
         if self.proc is not None and self.proc.returncode is None:
+            self.state = EngineState.STOPPING
             await aterminate(self.proc, grace_s=self.t.ENGINE_STOP_GRACE_S)
         for t in list(self._tasks):
             t.cancel()

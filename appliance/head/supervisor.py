@@ -238,9 +238,9 @@ class Head:
             return False  # nothing runs that a re-plan would interrupt: start with every node
         if self.router.resuming:
             return True
-        if not self.router.busy or self._growth_since is None:
+        if not self.router.busy:
             return False
-        return now - self._growth_since < self.timing.recovery.GROWTH_DEFER_MAX_S
+        return self._growth_since is None or now - self._growth_since < self.timing.recovery.GROWTH_DEFER_MAX_S
 
     def _stalled(self, now: float) -> bool:
         return self.engine.stalled(now, busy=self.router.busy, after_s=self.timing.heartbeat.SUSPECT_AFTER_S)
