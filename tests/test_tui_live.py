@@ -26,6 +26,8 @@ import pytest
 from textual.pilot import Pilot
 
 from appliance.cli.up import free_port
+from appliance.common.kinds import EventKind, NodeState
+from appliance.common.status import ClusterStatus
 from tui.app import AnywayApp
 from tui.screens.chat import ChatScreen
 from tui.screens.cluster import ClusterScreen
@@ -58,12 +60,12 @@ def table_rows(app: AnywayApp) -> dict[str, dict[str, str]]:
     return {name: dict(zip(keys, (str(c) for c in table.get_row(name)), strict=True)) for name in table.node_names}
 
 
-def api(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/v1/cluster", timeout=5).json()
+def api(url: str) -> ClusterStatus:
+    return ClusterStatus.model_validate(httpx.get(f"{url}/v1/cluster", timeout=5).json())
 
 
-def layers_by_node(state: dict[str, Any]) -> dict[str, list[int] | None]:
-    return {n["name"]: n["layers"] for n in state["nodes"]}
+def layers_by_node(state: ClusterStatus) -> dict[str, tuple[int, int] | None]:
+    return {n.name: n.layers for n in state.nodes}
 
 
 def _cluster_screen(app: AnywayApp) -> ClusterScreen:
@@ -130,7 +132,7 @@ def test_nodes_table_lists_workers_with_layers(anyway_up: str) -> None:
             rows = table_rows(app)
             truth = layers_by_node(api(anyway_up))
             for name, row in rows.items():
-                start, end = truth[name] or [0, 0]
+                start, end = truth[name] or (0, 0)
                 assert row["layers"].startswith(f"{start}-{end - 1}"), (name, row, truth)
                 assert f"({end - start})" in row["layers"]
                 assert row["address"] == "127.0.0.1"
@@ -138,8 +140,9 @@ def test_nodes_table_lists_workers_with_layers(anyway_up: str) -> None:
             layer_map = _cluster_screen(app).query_one(LayerMap)
             owners = {layer_map.owner_of(i) for i in range(TINY_LAYERS)}
             assert owners == {"worker-1", "worker-2"}
-            kinds = {e["kind"] for e in app.snapshot.events}
-            assert {"join", "replan", "engine_ready"} <= kinds
+            kinds = {e.kind for e in app.snapshot.events}
+            assert {EventKind.JOIN, EventKind.REPLAN, EventKind.ENGINE_READY} <= kinds
+            assert app.snapshot.cluster is not None and app.snapshot.cluster.model.n_layers == TINY_LAYERS
             assert not _cluster_screen(app).query_one(HeadBanner).display
 
     asyncio.run(main())
@@ -197,8 +200,10 @@ def test_drain_from_the_ui_moves_layers(anyway_up: str) -> None:
 
             await until(pilot, moved, what="worker-1's layers to move to worker-2", timeout_s=90)
             truth = layers_by_node(api(anyway_up))
-            assert truth["worker-1"] is None and truth["worker-2"] == [0, TINY_LAYERS]
-            assert table_rows(app)["worker-1"]["state"] in ("cordoned", "draining")
+            assert truth["worker-1"] is None and truth["worker-2"] == (0, TINY_LAYERS)
+            assert table_rows(app)["worker-1"]["state"] in (NodeState.CORDONED.value, NodeState.DRAINING.value)
+            worker_1 = app.snapshot.node("worker-1")
+            assert worker_1 is not None and worker_1.cordoned
             layer_map = _cluster_screen(app).query_one(LayerMap)
             assert {layer_map.owner_of(i) for i in range(TINY_LAYERS)} == {"worker-2"}
 
@@ -214,7 +219,7 @@ def test_drain_from_the_ui_moves_layers(anyway_up: str) -> None:
                 what="the 409 notification",
             )
             assert app.is_running
-            assert layers_by_node(api(anyway_up))["worker-2"] == [0, TINY_LAYERS]
+            assert layers_by_node(api(anyway_up))["worker-2"] == (0, TINY_LAYERS)
 
             # Uncordon worker-1 again from the UI (leaves the cluster as the module found it).
             await pilot.press("up" if table.node_names.index("worker-1") < table.cursor_row else "down")

@@ -2,10 +2,11 @@
 
 These use `FakeSource`, an in-memory `ClusterSource` with fixed data and fixed
 timestamps, instead of a live head: a screenshot is only comparable run to run if
-nothing in it depends on the clock, the machine or the model's sampling. Everything a
-screen shows comes from the same dicts the head's API returns (same keys, same
-shapes), so this fake stands in for the HTTP layer only; the Pilot tests in
-tests/test_tui_live.py exercise the same screens against a real `anyway up` cluster.
+nothing in it depends on the clock, the machine or the model's sampling. The data is
+written as the JSON bodies the head's API returns and parsed with the same models
+(appliance.common.status) that `HttpSource` uses, so this fake stands in for the HTTP
+layer only; the Pilot tests in tests/test_tui_live.py exercise the same screens
+against a real `anyway up` cluster.
 
 Regenerate the baselines after an intended UI change with
 `pytest tests/test_tui_snapshots.py --snapshot-update` and review the SVGs.
@@ -22,10 +23,12 @@ from typing import Any
 from textual.pilot import Pilot
 from textual.widgets import Input
 
+from appliance.common.kinds import NodeState
+from appliance.common.status import ClusterStatus, EventsPage, NodeActionResult, ReloadResult
 from tui.app import AnywayApp
 from tui.screens.chat import ChatScreen
 from tui.screens.node import NodeScreen
-from tui.source import ClusterSource, HeadError, HeadUnreachable, Messages
+from tui.source import ClusterSource, HeadError, HeadUnreachable, Messages, parse_answer
 
 NOW = 1_750_000_000.0  # the fixed "now" every age on screen is relative to
 GiB = 1 << 30
@@ -46,7 +49,7 @@ def _node(
     joined_ago: float,
     reason: str = "",
 ) -> dict[str, Any]:
-    history = [[NOW - 30 + i, free + ((i * 7919) % 13 - 6) * 16 * MiB + max(0, 20 - i) * 64 * MiB] for i in range(0, 30)]
+    history = [[NOW - 30 + i, free + ((i * 7919) % 13 - 6) * 16 * MiB + max(0, 20 - i) * 64 * MiB] for i in range(30)]
     n_layers = (layers[1] - layers[0]) if layers else 0
     return {
         "name": name,
@@ -157,34 +160,36 @@ class FakeSource(ClusterSource):
         self.fail: Exception | None = None  # raised by every call while set
         self.action_error: Exception | None = None  # raised by drain/uncordon/reload while set
 
-    async def cluster(self) -> dict[str, Any]:
+    async def cluster(self) -> ClusterStatus:
         if self.fail is not None:
             raise self.fail
-        data = copy.deepcopy(fake_cluster(variant=self.variant))
+        data = fake_cluster(variant=self.variant)
         data["throughput"]["tokens_per_s"] = self.tps[self.calls % len(self.tps)]
         self.calls += 1
-        return data
+        return ClusterStatus.model_validate(data)
 
-    async def events(self, since: int = 0, *, node: str | None = None) -> dict[str, Any]:
+    async def events(self, since: int = 0, *, node: str | None = None) -> EventsPage:
         if self.fail is not None:
             raise self.fail
         evs = [e for e in FAKE_EVENTS if (e["node"] == node if node else e["id"] > since)]
-        return {"events": copy.deepcopy(evs), "last_id": len(FAKE_EVENTS)}
+        return EventsPage.model_validate({"events": evs, "last_id": len(FAKE_EVENTS)})
 
-    async def _action(self, what: str, node: str = "") -> dict[str, Any]:
+    async def _act(self, what: str, node: str = "") -> None:
         self.actions.append((what, node))
         if self.action_error is not None:
             raise self.action_error
-        return {"node": node, "state": {"drain": "draining", "uncordon": "alive"}.get(what, "")} if node else {"status": "reloading"}
 
-    async def drain(self, node: str, *, force: bool = False) -> dict[str, Any]:
-        return await self._action("force-drain" if force else "drain", node)
+    async def drain(self, node: str, *, force: bool = False) -> NodeActionResult:
+        await self._act("force-drain" if force else "drain", node)
+        return NodeActionResult(node=node, state=NodeState.DRAINING)
 
-    async def uncordon(self, node: str) -> dict[str, Any]:
-        return await self._action("uncordon", node)
+    async def uncordon(self, node: str) -> NodeActionResult:
+        await self._act("uncordon", node)
+        return NodeActionResult(node=node, state=NodeState.ALIVE)
 
-    async def reload(self) -> dict[str, Any]:
-        return await self._action("reload")
+    async def reload(self) -> ReloadResult:
+        await self._act("reload")
+        return ReloadResult(status="reloading")
 
     async def chat_stream(self, messages: Messages) -> AsyncIterator[str]:
         for piece in ANSWER:
@@ -341,32 +346,46 @@ def test_actions_confirm_and_errors_notify() -> None:
 
 
 def test_odd_answers_do_not_crash() -> None:
-    """Missing fields, a refused node with empty dicts, garbage values, an HTTP error: the app keeps running."""
+    """Bodies that break the contract, a bare refused node, no plan, an HTTP error: the app keeps running.
+
+    The bodies go through `parse_answer`, the same check `HttpSource` makes, so a body
+    that does not validate reaches the app as an `UnexpectedAnswer` (a banner), never
+    as a half-filled model.
+    """
+    bare = fake_cluster()
+    bare.update(plan=None, nodes=[{"name": "r", "state": "refused", "layers": None}], events_last_id=0)
+    garbage = fake_cluster()
+    garbage["nodes"] = [{"name": "x", "state": "alive", "layers": "garbage", "memory": None, "heartbeat_age_s": "?"}]
+    garbage["model"]["n_layers"] = "many"
 
     class OddSource(FakeSource):
         def __init__(self) -> None:
             super().__init__()
-            self.bodies: list[Any] = [
-                {},
-                {"nodes": [{"name": "r", "state": "refused", "memory": {}, "load": {}, "devices": [], "layers": None}]},
-                {"nodes": [{"name": "x", "layers": "garbage", "memory": None, "devices": [{}], "heartbeat_age_s": "?"}],
-                 "plan": {"assignments": [{"node": "x", "start": "a"}]}, "model": {"n_layers": "many"}},
-                fake_cluster(),
-            ]
+            self.bodies: list[Any] = [{}, bare, garbage, [], fake_cluster()]
+            self.errors: list[str] = []
 
-        async def cluster(self) -> dict[str, Any]:
+        async def cluster(self) -> ClusterStatus:
             if not self.bodies:
                 raise HeadError("HTTP 401: Incorrect API key provided", status=401, code="invalid_api_key")
-            return copy.deepcopy(self.bodies.pop(0))
+            return parse_answer(ClusterStatus, copy.deepcopy(self.bodies.pop(0)), what="/v1/cluster")
 
     async def main() -> None:
         app = make_app(OddSource())
         async with app.run_test(size=(80, 24)) as pilot:
+            await app.workers.wait_for_complete()  # the poll on mount takes the first body
+            await pilot.pause()
+            seen = [(app.snapshot.reach, app.snapshot.error)]
             for _ in range(6):
                 await app.poll_once()
                 await pilot.pause()
                 assert app.is_running
-            assert app.snapshot.reach == "error" and "401" in app.snapshot.error
+                seen.append((app.snapshot.reach, app.snapshot.error))
+            reach = [r for r, _ in seen]
+            assert reach == ["error", "ok", "error", "error", "ok", "error", "error"], seen
+            assert seen[0][1].startswith("unexpected answer from the head: /v1/cluster: version: Field required")
+            assert all(e.startswith("unexpected answer from the head: /v1/cluster: ") for e in (seen[2][1], seen[3][1]))
+            assert all("\n" not in error for _, error in seen)
+            assert "401" in app.snapshot.error
             await pilot.press("enter")
             await pilot.pause()
             assert app.is_running

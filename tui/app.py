@@ -2,33 +2,36 @@
 
 `AnywayApp` is the only place that talks to a `ClusterSource`. It polls
 `/v1/cluster` (and new `/v1/events`) in a Textual worker on a timer, so the UI never
-blocks; publishes the result as one reactive `Snapshot` that the screens watch; and
-turns every failure into a banner ("head unreachable — retrying") or a notification,
-never an exception. `run_dashboard()` is what `anyway tui` and `anyway up` call.
+blocks; publishes the result (the API's typed models) as one reactive `Snapshot` that
+the screens watch; and turns every failure into a banner ("head unreachable —
+retrying") or a notification, never an exception. `run_dashboard()` is what
+`anyway tui` and `anyway up` call.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from textual import log
 from textual.app import App
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.reactive import var
+from textual.screen import Screen
 
-from .format import as_float, as_int
 from .screens.chat import ChatScreen
 from .screens.cluster import ClusterScreen
 from .screens.confirm import ConfirmScreen
 from .screens.help import HelpScreen
 from .source import ClusterSource, HeadUnreachable, HttpSource, SourceError
-from .state import Snapshot
+from .state import Reachability, Snapshot
 
 __all__ = ["AnywayApp", "run_dashboard"]
 
 MAX_EVENTS = 200
+
+R = TypeVar("R")
 
 
 class AnywayApp(App[int]):
@@ -36,9 +39,9 @@ class AnywayApp(App[int]):
 
     CSS_PATH = "app.tcss"
     TITLE = "Anyway"
-    MODES = {"cluster": ClusterScreen, "chat": ChatScreen}
+    MODES: ClassVar[dict[str, str | Callable[[], Screen[Any]]]] = {"cluster": ClusterScreen, "chat": ChatScreen}
     DEFAULT_MODE = "cluster"
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("f1", "help", "Help", show=False),
@@ -66,6 +69,7 @@ class AnywayApp(App[int]):
         self._polling = False
         self._events_seen = 0
         self._uptime = 0.0
+        self._skew = 0.0  #: the head's wall clock minus `clock`, from its last answer
 
     # ------------------------------------------------------------ lifecycle
     def on_mount(self) -> None:
@@ -90,44 +94,51 @@ class AnywayApp(App[int]):
         try:
             await self._poll()
         except SourceError as exc:
-            reach = "unreachable" if isinstance(exc, HeadUnreachable) else "error"
+            reach: Reachability = "unreachable" if isinstance(exc, HeadUnreachable) else "error"
             self._publish(reach=reach, error=str(exc))
-        except Exception as exc:  # a malformed answer must not take the dashboard down
+        except Exception as exc:  # noqa: BLE001 - a bug in a poll must not take the dashboard down
             log.error(f"poll failed: {exc!r}")
-            self._publish(reach="error", error=f"unexpected answer from the head: {exc!r}")
+            self._publish(reach="error", error=f"poll failed: {exc!r}")
         finally:
             self._polling = False
 
     async def _poll(self) -> None:
-        data = await self.source.cluster()
+        status = await self.source.cluster()
         old = self.snapshot
         events = old.events
-        last_id = as_int(data.get("events_last_id"))
-        uptime = as_float(data.get("uptime_s")) or 0.0
-        if last_id < self._events_seen or uptime + 1.0 < self._uptime:
+        last_id = status.events_last_id
+        if last_id < self._events_seen or status.uptime_s + 1.0 < self._uptime:
             # A new head process: its event ids start over.
             self._events_seen, events = 0, ()
-        self._uptime = uptime
+        self._uptime = status.uptime_s
         if last_id > self._events_seen:
-            body = await self.source.events(self._events_seen)
-            new = [e for e in body.get("events") or [] if as_int(e.get("id")) > self._events_seen]
+            page = await self.source.events(self._events_seen)
+            new = [e for e in page.events if e.id > self._events_seen]
             events = (tuple(reversed(new)) + events)[:MAX_EVENTS]
-            self._events_seen = max([last_id, *(as_int(e.get("id")) for e in new)])
-        tps = as_float((data.get("throughput") or {}).get("tokens_per_s")) or 0.0
+            self._events_seen = max([last_id, *(e.id for e in new)])
+        local = self.clock()
+        # Ages of events and joins are relative to the head's clock (`now`), which
+        # need not agree with this machine's; a head that does not send it: ours.
+        self._skew = status.now - local if status.now > 0 else 0.0
         self.snapshot = Snapshot(
-            cluster=data,
+            cluster=status,
             events=events,
             reach="ok",
             error="",
-            now=self.clock(),
-            throughput=(old.throughput + (tps,))[-self.history :],
+            now=local + self._skew,
+            throughput=(old.throughput + (status.throughput.tokens_per_s,))[-self.history :],
         )
         self.sub_title = self.source.label
 
-    def _publish(self, *, reach: Any, error: str) -> None:
+    def _publish(self, *, reach: Reachability, error: str) -> None:
         old = self.snapshot
         self.snapshot = Snapshot(
-            cluster=old.cluster, events=old.events, reach=reach, error=error, now=self.clock(), throughput=old.throughput
+            cluster=old.cluster,
+            events=old.events,
+            reach=reach,
+            error=error,
+            now=self.clock() + self._skew,
+            throughput=old.throughput,
         )
         self.sub_title = f"{self.source.label} — head unreachable" if reach == "unreachable" else self.source.label
 
@@ -148,29 +159,29 @@ class AnywayApp(App[int]):
         self._confirm(
             question=f"{verb} {node}{extra}?\nIts layers move to the other nodes.",
             action=lambda: self.source.drain(node, force=force),
-            done=lambda r: f"{r.get('node', node)}: {r.get('state', 'draining')}",
+            done=lambda r: f"{r.node}: {r.state.value}",
         )
 
     def confirm_uncordon(self, node: str) -> None:
         self._confirm(
             question=f"Uncordon {node}?\nIt can hold layers again at the next re-plan.",
             action=lambda: self.source.uncordon(node),
-            done=lambda r: f"{r.get('node', node)}: {r.get('state', 'uncordoned')}",
+            done=lambda r: f"{r.node}: {r.state.value}",
         )
 
     def confirm_reload(self) -> None:
         self._confirm(
             question="Reload the model?\nThe engine restarts; requests in flight wait for it.",
             action=self.source.reload,
-            done=lambda r: f"model: {r.get('status', 'reloading')}",
+            done=lambda r: f"model: {r.status}",
         )
 
     def _confirm(
         self,
         *,
         question: str,
-        action: Callable[[], Awaitable[dict[str, Any]]],
-        done: Callable[[dict[str, Any]], str],
+        action: Callable[[], Awaitable[R]],
+        done: Callable[[R], str],
     ) -> None:
         def answered(yes: bool | None) -> None:
             if yes:
@@ -178,15 +189,13 @@ class AnywayApp(App[int]):
 
         self.push_screen(ConfirmScreen(question=question), answered)
 
-    async def _act(
-        self, *, action: Callable[[], Awaitable[dict[str, Any]]], done: Callable[[dict[str, Any]], str]
-    ) -> None:
+    async def _act(self, *, action: Callable[[], Awaitable[R]], done: Callable[[R], str]) -> None:
         try:
             result = await action()
         except SourceError as exc:
             self.notify(str(exc), title="the head refused", severity="error", markup=False)
             return
-        except Exception as exc:  # never crash on an action
+        except Exception as exc:  # noqa: BLE001 - never crash on an action
             self.notify(repr(exc), title="action failed", severity="error", markup=False)
             return
         self.notify(done(result), markup=False)

@@ -1,71 +1,91 @@
 """Small pure formatters shared by the screens: sizes, ages, layer ranges, state colours.
 
 Kept apart from the widgets so every screen shows the same value the same way, and so
-nothing here depends on a clock: callers pass `now` (the app's injected clock), which
-keeps the snapshot tests deterministic.
+nothing here depends on a clock: callers pass `now` (the snapshot's, from the app's
+injected clock), which keeps the snapshot tests deterministic. They take the API's
+models (appliance.common.status), whose types are already checked, and the colour
+tables are keyed by the appliance's enums (appliance.common.kinds), one entry per
+member (tests/test_tui_format.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from typing import TypeVar
 
 from rich.text import Text
 
-#: Node states as the head reports them, and their colours.
-NODE_STATE_STYLE: dict[str, str] = {
-    "alive": "bold green",
-    "joining": "cyan",
-    "suspect": "bold yellow",
-    "dead": "bold red",
-    "left": "dim",
-    "draining": "bold magenta",
-    "cordoned": "blue",
-    "refused": "red",
+from appliance.common.kinds import EngineState, EventKind, HealthState, NodeState
+from appliance.common.status import NodeStatus
+
+E = TypeVar("E", bound=Enum)
+
+#: Node states (`NodeStatus.state`) and their colours; every member has one (tests/test_tui_format.py).
+NODE_STATE_STYLE: dict[NodeState, str] = {
+    NodeState.ALIVE: "bold green",
+    NodeState.JOINING: "cyan",
+    NodeState.SUSPECT: "bold yellow",
+    NodeState.DEAD: "bold red",
+    NodeState.LEFT: "dim",
+    NodeState.DRAINING: "bold magenta",
+    NodeState.CORDONED: "blue",
+    NodeState.REFUSED: "red",
 }
 
-#: Engine states.
-ENGINE_STATE_STYLE: dict[str, str] = {
-    "serving": "bold green",
-    "loading": "bold yellow",
-    "starting": "yellow",
-    "stopping": "yellow",
-    "stopped": "dim",
-    "failed": "bold red",
+#: Engine states (`EngineStatus.state`).
+ENGINE_STATE_STYLE: dict[EngineState, str] = {
+    EngineState.SERVING: "bold green",
+    EngineState.LOADING: "bold yellow",
+    EngineState.STARTING: "yellow",
+    EngineState.STOPPING: "yellow",
+    EngineState.STOPPED: "dim",
+    EngineState.FAILED: "bold red",
 }
 
-#: Cluster health (`health.status`).
-HEALTH_STYLE: dict[str, str] = {
-    "ok": "bold green",
-    "starting": "bold cyan",
-    "recovering": "bold yellow",
-    "degraded": "bold red",
+#: Cluster health (`Health.status`).
+HEALTH_STYLE: dict[HealthState, str] = {
+    HealthState.OK: "bold green",
+    HealthState.STARTING: "bold cyan",
+    HealthState.RECOVERING: "bold yellow",
+    HealthState.DEGRADED: "bold red",
 }
 
-#: Event kinds, by how an operator should read them.
-EVENT_KIND_STYLE: dict[str, str] = {
-    "join": "green",
-    "alive": "green",
-    "engine_ready": "green",
-    "uncordon": "magenta",
-    "drain": "magenta",
-    "reload": "magenta",
-    "replan": "cyan",
-    "engine_start": "cyan",
-    "engine_stop": "yellow",
-    "waiting": "dim",
-    "suspect": "bold yellow",
-    "stall": "bold yellow",
-    "warning": "yellow",
-    "degraded": "bold red",
-    "dead": "bold red",
-    "refused": "red",
-    "left": "yellow",
-    "engine_crash": "bold red",
-    "engine_failed": "bold red",
-    "rpc_down": "red",
-    "bad_frame": "red",
-    "error": "bold red",
+#: Event kinds, by how an operator should read them: green a node or the engine coming
+#: (back) into service, cyan the head's routine work, magenta the operator's actions,
+#: yellow worth a look, red something lost. Follows `EventKind.severity`: an error is
+#: always red, an info never is (tests/test_tui_format.py).
+EVENT_KIND_STYLE: dict[EventKind, str] = {
+    # membership
+    EventKind.JOIN: "green",
+    EventKind.REJOIN: "green",
+    EventKind.REANNOUNCE: "cyan",
+    EventKind.ALIVE: "green",
+    EventKind.SUSPECT: "bold yellow",
+    EventKind.RECOVERED: "green",
+    EventKind.DEAD: "bold red",
+    EventKind.LEFT: "yellow",
+    EventKind.REFUSED: "red",
+    EventKind.VERSION_SKEW: "yellow",
+    EventKind.RPC_DOWN: "red",
+    EventKind.RPC_UP: "green",
+    EventKind.STALL: "bold yellow",
+    # control plane
+    EventKind.BAD_FRAME: "red",
+    # the head's stabilization loop and the operator
+    EventKind.HEAD_START: "bold cyan",
+    EventKind.REPLAN: "cyan",
+    EventKind.WAITING: "dim",
+    EventKind.DEGRADED: "bold red",
+    EventKind.DRAIN: "magenta",
+    EventKind.UNCORDON: "magenta",
+    EventKind.RELOAD: "magenta",
+    # the engine process
+    EventKind.ENGINE_START: "cyan",
+    EventKind.ENGINE_STOP: "yellow",
+    EventKind.ENGINE_READY: "green",
+    EventKind.ENGINE_CRASH: "bold red",
+    EventKind.ENGINE_FAILED: "bold red",
 }
 
 #: Colours of the nodes in the layer map (and their names in the table), in order.
@@ -83,32 +103,16 @@ NODE_PALETTE: tuple[str, ...] = (
 )
 
 
-def as_int(value: Any, default: int = 0) -> int:
-    """`value` as an int, or `default` when the head sent something else."""
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def as_float(value: Any) -> float | None:
-    """`value` as a float, or None when the head sent something else."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def node_colours(names: Sequence[str]) -> dict[str, str]:
     """A stable colour per node: by sorted name, so it does not depend on the API's order."""
     return {name: NODE_PALETTE[i % len(NODE_PALETTE)] for i, name in enumerate(sorted(set(names)))}
 
 
-def fmt_bytes(n: Any) -> str:
-    """1536 -> '1.5K'; compact binary units, for tables."""
-    value = as_float(n)
-    if value is None:
+def fmt_bytes(n: float | None) -> str:
+    """1536 -> '1.5K'; compact binary units, for tables (None -> '—')."""
+    if n is None:
         return "—"
+    value = float(n)
     for unit in ("B", "K", "M", "G", "T"):
         if abs(value) < 1024 or unit == "T":
             if unit == "B":
@@ -118,12 +122,11 @@ def fmt_bytes(n: Any) -> str:
     return f"{value:.0f}T"  # pragma: no cover
 
 
-def fmt_age(seconds: Any) -> str:
+def fmt_age(seconds: float | None) -> str:
     """Seconds -> '0.2s', '12s', '3m', '5h', '2d' (None -> '—')."""
-    value = as_float(seconds)
-    if value is None:
+    if seconds is None:
         return "—"
-    s = max(0.0, value)
+    s = max(0.0, float(seconds))
     if s < 10:
         return f"{s:.1f}s"
     if s < 60:
@@ -135,43 +138,42 @@ def fmt_age(seconds: Any) -> str:
     return f"{s / 86400:.0f}d"
 
 
-def fmt_layers(layers: Any) -> str:
-    """[start, end_exclusive] -> '0-14' (inclusive, as the head's events write it)."""
-    if not isinstance(layers, (list, tuple)) or len(layers) != 2:
+def fmt_layers(layers: tuple[int, int] | None) -> str:
+    """(start, end_exclusive) -> '0-14' (inclusive, as the head's events write it); None -> '—'."""
+    if layers is None:
         return "—"
-    start, end = as_int(layers[0]), as_int(layers[1])
+    start, end = layers
     return f"{start}-{end - 1}" if end - start > 1 else f"{start}"
 
 
-def styled(value: str, style_map: dict[str, str], *, default: str = "") -> Text:
-    """`value` as a Text in its colour from `style_map`."""
-    return Text(value, style=style_map.get(value, default))
+def styled(value: E, style_map: Mapping[E, str], *, default: str = "") -> Text:
+    """An enum member's value as a Text in its colour from `style_map`."""
+    return Text(str(value.value), style=style_map.get(value, default))
 
 
-def node_state(node: dict[str, Any]) -> Text:
-    return styled(str(node.get("state", "?")), NODE_STATE_STYLE)
+def node_state(node: NodeStatus) -> Text:
+    return styled(node.state, NODE_STATE_STYLE)
 
 
-def memory_used_free(node: dict[str, Any]) -> str:
-    mem = node.get("memory") or {}
-    total, free = as_float(mem.get("total_bytes")), as_float(mem.get("free_bytes"))
-    if total is None or free is None:
+def memory_used_free(node: NodeStatus) -> str:
+    """'used/free' of the node's memory; '—' while it has reported none."""
+    mem = node.memory
+    if not mem.total_bytes:
         return "—"
-    return f"{fmt_bytes(total - free)}/{fmt_bytes(free)}"
+    return f"{fmt_bytes(mem.total_bytes - mem.free_bytes)}/{fmt_bytes(mem.free_bytes)}"
 
 
-def devices_summary(node: dict[str, Any]) -> str:
+def devices_summary(node: NodeStatus) -> str:
     """'cpu', 'gpu+cpu', '2gpu+cpu' (device types, counted when more than one)."""
-    devices = node.get("devices") or []
-    if not devices:
+    if not node.devices:
         return "—"
     counts: dict[str, int] = {}
-    for d in devices:
-        kind = str(d.get("type") or "?")
+    for d in node.devices:
+        kind = d.type or "?"
         counts[kind] = counts.get(kind, 0) + 1
     return "+".join(f"{n}{kind}" if n > 1 else kind for kind, n in counts.items())
 
 
-def cpu_load(node: dict[str, Any]) -> str:
-    cpu = as_float((node.get("load") or {}).get("cpu_percent"))
+def cpu_load(node: NodeStatus) -> str:
+    cpu = node.load.cpu_percent
     return "—" if cpu is None else f"{cpu:.0f}%"

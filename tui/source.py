@@ -2,10 +2,13 @@
 
 The dashboard holds no cluster logic: it renders what `GET /v1/cluster` and
 `GET /v1/events` return and calls the head's actions (drain, uncordon, reload, chat).
-`ClusterSource` is that whole surface. `HttpSource` implements it against a real head
-with httpx; the snapshot tests implement it with fixed data so screenshots are
-deterministic. Every failure surfaces as a `SourceError`, so the UI can show it as a
-notification or a "head unreachable" banner and never crash.
+`ClusterSource` is that whole surface, typed with the API's own models
+(appliance.common.status): `HttpSource` parses each answer once, so screens read
+attributes and never guess at the shape of a dict. `HttpSource` implements it against
+a real head with httpx; the snapshot tests implement it with fixed data so screenshots
+are deterministic. Every failure surfaces as a `SourceError` (a body that does not
+match the contract is an `UnexpectedAnswer`), so the UI can show it as a notification
+or a "head unreachable" banner and never crash.
 """
 
 from __future__ import annotations
@@ -13,11 +16,24 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
-__all__ = ["ClusterSource", "HeadError", "HeadUnreachable", "HttpSource", "SourceError"]
+from appliance.common.status import ClusterStatus, EventsPage, NodeActionResult, ReloadResult
+
+__all__ = [
+    "ClusterSource",
+    "HeadError",
+    "HeadUnreachable",
+    "HttpSource",
+    "SourceError",
+    "UnexpectedAnswer",
+    "parse_answer",
+]
+
+M = TypeVar("M", bound=BaseModel)
 
 Messages = list[dict[str, str]]
 
@@ -39,6 +55,44 @@ class HeadError(SourceError):
         self.code = code
 
 
+class UnexpectedAnswer(HeadError):
+    """The head answered, but not with what the contract (appliance.common.status) says:
+    not JSON, or a body that does not validate (an older or broken head, a proxy's page)."""
+
+
+def parse_answer(model: type[M], body: Any, *, what: str = "", status: int = 0) -> M:
+    """`body` (decoded JSON) as `model`, or an `UnexpectedAnswer` with a one-line reason.
+
+    `what` names the request in the message (e.g. "/v1/cluster"), `status` is the HTTP
+    status it came with. Extra fields are ignored by the models, so only a missing or
+    mistyped field (or an unknown kind or state) is refused.
+    """
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        where = f"{what}: " if what else ""
+        raise UnexpectedAnswer(
+            f"unexpected answer from the head: {where}{_validation_reason(exc)}", status=status
+        ) from None
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    """The first validation error as 'loc: msg (and N more)', on one line, bounded."""
+    errors = exc.errors(include_url=False)
+    if not errors:  # pragma: no cover - pydantic always reports at least one
+        return "invalid body"
+    first = errors[0]
+    loc = ".".join(str(part) for part in first.get("loc", ()))
+    if not loc and first.get("type") == "model_type":
+        reason = "the body is not a JSON object"
+    else:
+        reason = f"{loc or 'body'}: {first.get('msg', 'invalid')}"
+    if len(errors) > 1:
+        reason += f" (and {len(errors) - 1} more)"
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= 200 else reason[:199] + "…"
+
+
 class ClusterSource(abc.ABC):
     """The head's API as the dashboard sees it. Implementations raise `SourceError` only."""
 
@@ -46,23 +100,23 @@ class ClusterSource(abc.ABC):
     label: str = ""
 
     @abc.abstractmethod
-    async def cluster(self) -> dict[str, Any]:
-        """The body of `GET /v1/cluster`."""
+    async def cluster(self) -> ClusterStatus:
+        """`GET /v1/cluster`."""
 
     @abc.abstractmethod
-    async def events(self, since: int = 0, *, node: str | None = None) -> dict[str, Any]:
-        """`GET /v1/events?since=ID` (or `?node=NAME`): `{"events": [...], "last_id": N}`."""
+    async def events(self, since: int = 0, *, node: str | None = None) -> EventsPage:
+        """`GET /v1/events?since=ID` (or `?node=NAME`): the events after `since`, oldest first."""
 
     @abc.abstractmethod
-    async def drain(self, node: str, *, force: bool = False) -> dict[str, Any]:
-        """`POST /v1/nodes/{node}/drain[?force=true]`: `{"node", "state"}`."""
+    async def drain(self, node: str, *, force: bool = False) -> NodeActionResult:
+        """`POST /v1/nodes/{node}/drain[?force=true]`."""
 
     @abc.abstractmethod
-    async def uncordon(self, node: str) -> dict[str, Any]:
-        """`POST /v1/nodes/{node}/uncordon`: `{"node", "state"}`."""
+    async def uncordon(self, node: str) -> NodeActionResult:
+        """`POST /v1/nodes/{node}/uncordon`."""
 
     @abc.abstractmethod
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self) -> ReloadResult:
         """`POST /v1/reload`."""
 
     @abc.abstractmethod
@@ -131,7 +185,8 @@ class HttpSource(ClusterSource):
             client, self._client = self._client, None
             await client.aclose()
 
-    async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """(HTTP status, decoded JSON body) of a successful answer; every failure as a `SourceError`."""
         try:
             response = await self._http().request(method, path, params=params)
         except httpx.TransportError as exc:
@@ -139,37 +194,44 @@ class HttpSource(ClusterSource):
         if response.status_code >= 400:
             raise _error_message(response)
         try:
-            body = response.json()
+            return response.status_code, response.json()
         except ValueError:
-            raise HeadError(f"{path}: the head sent a body that is not JSON", status=response.status_code) from None
-        if not isinstance(body, dict):
-            raise HeadError(f"{path}: unexpected answer from the head", status=response.status_code)
-        return body
+            raise UnexpectedAnswer(
+                f"unexpected answer from the head: {path}: the body is not JSON", status=response.status_code
+            ) from None
 
-    async def cluster(self) -> dict[str, Any]:
-        return await self._request("GET", "/v1/cluster")
+    async def _parsed(
+        self, model: type[M], method: str, path: str, *, params: dict[str, Any] | None = None
+    ) -> M:
+        status, body = await self._request(method, path, params=params)
+        return parse_answer(model, body, what=path, status=status)
 
-    async def events(self, since: int = 0, *, node: str | None = None) -> dict[str, Any]:
+    async def cluster(self) -> ClusterStatus:
+        return await self._parsed(ClusterStatus, "GET", "/v1/cluster")
+
+    async def events(self, since: int = 0, *, node: str | None = None) -> EventsPage:
         params: dict[str, Any] = {"node": node} if node else {"since": since}
-        return await self._request("GET", "/v1/events", params=params)
+        return await self._parsed(EventsPage, "GET", "/v1/events", params=params)
 
-    async def drain(self, node: str, *, force: bool = False) -> dict[str, Any]:
+    async def drain(self, node: str, *, force: bool = False) -> NodeActionResult:
         params = {"force": "true"} if force else None
-        return await self._request("POST", f"/v1/nodes/{node}/drain", params=params)
+        return await self._parsed(NodeActionResult, "POST", f"/v1/nodes/{node}/drain", params=params)
 
-    async def uncordon(self, node: str) -> dict[str, Any]:
-        return await self._request("POST", f"/v1/nodes/{node}/uncordon")
+    async def uncordon(self, node: str) -> NodeActionResult:
+        return await self._parsed(NodeActionResult, "POST", f"/v1/nodes/{node}/uncordon")
 
-    async def reload(self) -> dict[str, Any]:
-        return await self._request("POST", "/v1/reload")
+    async def reload(self) -> ReloadResult:
+        return await self._parsed(ReloadResult, "POST", "/v1/reload")
 
     async def _model(self) -> str:
+        """The id of the model the head serves (`GET /v1/models`, OpenAI's shape), cached."""
         if self._model_id is None:
-            models = await self._request("GET", "/v1/models")
-            data = models.get("data") or []
-            if not data:
+            _, models = await self._request("GET", "/v1/models")
+            data = models.get("data") if isinstance(models, dict) else None
+            first = data[0] if isinstance(data, list) and data else None
+            if not isinstance(first, dict) or not first.get("id"):
                 raise HeadError("the head serves no model")
-            self._model_id = str(data[0]["id"])
+            self._model_id = str(first["id"])
         return self._model_id
 
     async def chat_stream(self, messages: Messages) -> AsyncIterator[str]:
@@ -193,11 +255,14 @@ class HttpSource(ClusterSource):
                         chunk = json.loads(payload)
                     except ValueError:
                         continue
+                    if not isinstance(chunk, dict):
+                        continue
                     if isinstance(chunk.get("error"), dict):
                         raise HeadError(str(chunk["error"].get("message", "error")), code=chunk["error"].get("code"))
                     for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
+                        delta = choice.get("delta") if isinstance(choice, dict) else None
+                        text = delta.get("content") if isinstance(delta, dict) else None
+                        if isinstance(text, str) and text:
                             yield text
         except httpx.TransportError as exc:
             raise HeadUnreachable(f"{self.url}: {_transport_reason(exc)}") from None

@@ -1,8 +1,9 @@
 """The base of the screens that render the app's snapshot (cluster, node detail).
 
 It subscribes the screen to the app's reactive `snapshot` and shields the app from
-the head's surprises: if a screen cannot render an answer (a field missing or of an
-unexpected type), the operator gets one notification and the dashboard keeps running
+surprises: the source has already checked the head's answer against the typed
+contract (a body that does not match never reaches a screen), but if a screen still
+cannot render one, the operator gets one notification and the dashboard keeps running
 and polling, instead of a traceback.
 """
 
@@ -37,7 +38,7 @@ class SnapshotScreen(Screen[None]):
     def _show_safely(self, snapshot: Snapshot) -> None:
         try:
             self.show_snapshot(snapshot)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a rendering bug must not take the dashboard down
             message = f"cannot show the head's answer: {exc!r}"
             log.error(message)
             if message != self._render_error:

@@ -7,12 +7,12 @@ token, as the head sends them), and keeps the conversation until it is cleared.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class ChatMessage(Static):
     """One turn of the conversation: who spoke, then the text."""
 
-    LABELS = {"user": ("you", "bold"), "assistant": ("assistant", "bold green")}
+    LABELS: ClassVar[dict[str, tuple[str, str]]] = {"user": ("you", "bold"), "assistant": ("assistant", "bold green")}
 
     def __init__(self, *, role: str, text: str = "") -> None:
         super().__init__(classes=f"message {role}")
@@ -45,7 +45,7 @@ class ChatMessage(Static):
 class ChatScreen(Screen[None]):
     """Conversation log, a stats line (tokens, tokens/s) and the input box."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.cluster", "Cluster"),
         Binding("ctrl+l", "clear", "Clear chat"),
     ]

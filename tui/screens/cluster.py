@@ -7,12 +7,14 @@ the app, which asks for confirmation and reports the head's answer.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Header
 
-from ..format import as_int, node_colours
+from ..format import node_colours
 from ..state import Snapshot
 from ..widgets.banner import HeadBanner
 from ..widgets.engine import EngineStatus
@@ -25,15 +27,15 @@ from .base import SnapshotScreen
 
 def plan_colours(snapshot: Snapshot) -> dict[str, str]:
     """Node colours shared by the table and the layer map (nodes + any plan-only holder)."""
-    plan = (snapshot.cluster or {}).get("plan")
-    names = [str(n.get("name")) for n in snapshot.nodes] + [s.node for s in slices_from_plan(plan)]
+    plan = snapshot.cluster.plan if snapshot.cluster is not None else None
+    names = [n.name for n in snapshot.nodes] + [s.node for s in slices_from_plan(plan)]
     return node_colours(names)
 
 
 class ClusterScreen(SnapshotScreen):
     """Engine, throughput and layers on top, the nodes table, then the events pane."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "details", "Details"),
         Binding("d", "drain", "Drain"),
         Binding("D", "force_drain", "Force drain", show=False),
@@ -70,10 +72,9 @@ class ClusterScreen(SnapshotScreen):
         colours = plan_colours(snapshot)
         self.query_one(EngineStatus).show_cluster(cluster)
         self.query_one(Throughput).show(cluster=cluster, history=snapshot.throughput)
-        model = (cluster or {}).get("model") or {}
         self.query_one(LayerMap).set_plan(
-            n_layers=as_int(model.get("n_layers")),
-            slices=slices_from_plan((cluster or {}).get("plan")),
+            n_layers=cluster.model.n_layers if cluster is not None else 0,
+            slices=slices_from_plan(cluster.plan if cluster is not None else None),
             colours=colours,
         )
         self.query_one(NodesTable).show_nodes(snapshot.nodes, colours=colours)

@@ -5,15 +5,17 @@ Shown over the current screen with "?" (or F1); any of escape, q or ? closes it.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from ..format import ENGINE_STATE_STYLE, HEALTH_STYLE, NODE_STATE_STYLE
+from ..format import ENGINE_STATE_STYLE, HEALTH_STYLE, NODE_STATE_STYLE, styled
 
 KEYS: tuple[tuple[str, str, str], ...] = (
     ("cluster", "↑ ↓", "select a node"),
@@ -43,8 +45,9 @@ def help_text() -> Table:
     legend = Table(box=None, show_header=False, padding=(0, 1, 0, 0), pad_edge=False)
     legend.add_column(style="dim", no_wrap=True)
     legend.add_column()
-    for label, styles in (("health", HEALTH_STYLE), ("engine", ENGINE_STATE_STYLE), ("nodes", NODE_STATE_STYLE)):
-        legend.add_row(label, Text(" ").join(Text(name, style=style) for name, style in styles.items()))
+    legend.add_row("health", Text(" ").join(styled(s, HEALTH_STYLE) for s in HEALTH_STYLE))
+    legend.add_row("engine", Text(" ").join(styled(s, ENGINE_STATE_STYLE) for s in ENGINE_STATE_STYLE))
+    legend.add_row("nodes", Text(" ").join(styled(s, NODE_STATE_STYLE) for s in NODE_STATE_STYLE))
     outer = Table.grid(padding=(1, 0))
     outer.add_column()
     outer.add_row(keys)
@@ -56,7 +59,7 @@ def help_text() -> Table:
 class HelpScreen(ModalScreen[None]):
     """Key bindings and the colour legend."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "close", "Close"),
         Binding("q", "close", "Close", show=False),
         Binding("question_mark", "close", "Close", show=False),

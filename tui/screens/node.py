@@ -7,25 +7,18 @@ uncordon work here too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Label, Sparkline, Static
 
-from ..format import (
-    as_float,
-    as_int,
-    cpu_load,
-    fmt_age,
-    fmt_bytes,
-    fmt_layers,
-    memory_used_free,
-    node_state,
-)
+from appliance.common.status import NodeStatus
+
+from ..format import cpu_load, fmt_age, fmt_bytes, fmt_layers, memory_used_free, node_state
 from ..source import SourceError
 from ..state import Snapshot
 from ..widgets.banner import HeadBanner
@@ -40,71 +33,65 @@ def _kv_table() -> Table:
     return table
 
 
-def node_summary(node: dict[str, Any], *, now: float) -> Table:
+def node_summary(node: NodeStatus, *, now: float) -> Table:
     """State, addresses, heartbeat, layers, memory and load of one node."""
     t = _kv_table()
     state = node_state(node)
-    if node.get("reason"):
-        state.append(f"  {node['reason']}", style="yellow")
+    if node.reason:
+        state.append(f"  {node.reason}", style="yellow")
     t.add_row("state", state)
-    t.add_row("address", f"{node.get('address') or '—'}  (host {node.get('hostname') or '—'})")
-    t.add_row("rpc", str(node.get("rpc_endpoint") or "—") + ("" if node.get("rpc_ready") else "  (not ready)"))
-    t.add_row("heartbeat", f"{fmt_age(node.get('heartbeat_age_s'))} ago")
-    joined = as_float(node.get("joined_at"))
-    t.add_row("joined", "—" if not joined else f"{fmt_age(now - joined)} ago")
-    n_layers = as_int(node.get("n_layers"))
-    t.add_row("layers", f"{fmt_layers(node.get('layers'))}" + (f"  ({n_layers} layers)" if n_layers else ""))
-    mem = node.get("memory") or {}
+    t.add_row("address", f"{node.address or '—'}  (host {node.hostname or '—'})")
+    t.add_row("rpc", (node.rpc_endpoint or "—") + ("" if node.rpc_ready else "  (not ready)"))
+    t.add_row("heartbeat", f"{fmt_age(node.heartbeat_age_s)} ago")
+    t.add_row("joined", "—" if not node.joined_at else f"{fmt_age(now - node.joined_at)} ago")
+    t.add_row("layers", fmt_layers(node.layers) + (f"  ({node.n_layers} layers)" if node.n_layers else ""))
+    mem, load = node.memory, node.load
     t.add_row(
         "memory",
-        f"used/free {memory_used_free(node)}  total {fmt_bytes(mem.get('total_bytes'))}  "
-        f"plannable {fmt_bytes(mem.get('plannable_bytes'))}  planned {fmt_bytes(mem.get('planned_bytes'))}",
+        f"used/free {memory_used_free(node)}  total {fmt_bytes(mem.total_bytes)}  "
+        f"plannable {fmt_bytes(mem.plannable_bytes)}  planned {fmt_bytes(mem.planned_bytes)}",
     )
-    load = node.get("load") or {}
-    loadavg = as_float(load.get("loadavg_1m"))
-    ram = as_float(load.get("ram_percent"))
+    ram = "—" if load.ram_percent is None else f"{load.ram_percent:.0f}%"
+    loadavg = "—" if load.loadavg_1m is None else f"{load.loadavg_1m:.2f}"
     t.add_row(
         "load",
-        f"cpu {cpu_load(node)}  ram {'—' if ram is None else f'{ram:.0f}%'}  "
-        f"load1 {'—' if loadavg is None else f'{loadavg:.2f}'}  rpc rss {fmt_bytes(load.get('rpc_rss_bytes'))}  "
-        f"speed {node.get('speed', '—')}",
+        f"cpu {cpu_load(node)}  ram {ram}  load1 {loadavg}  rpc rss {fmt_bytes(load.rpc_rss_bytes)}  "
+        f"speed {node.speed}",
     )
     return t
 
 
-def devices_table(node: dict[str, Any]) -> Table | Text:
-    devices = node.get("devices") or []
-    if not devices:
+def devices_table(node: NodeStatus) -> Table | Text:
+    if not node.devices:
         return Text("no devices reported", style="dim")
     t = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False, header_style="dim")
     for col in ("device", "type", "description", "free", "total"):
         t.add_column(col, no_wrap=True)
-    for d in devices:
-        t.add_row(
-            str(d.get("name") or "?"),
-            str(d.get("type") or "?"),
-            str(d.get("description") or ""),
-            fmt_bytes(d.get("free_bytes")),
-            fmt_bytes(d.get("total_bytes")),
-        )
+    for d in node.devices:
+        t.add_row(d.name or "?", d.type or "?", d.description, fmt_bytes(d.free_bytes), fmt_bytes(d.total_bytes))
     return t
 
 
-def versions_line(node: dict[str, Any]) -> Text:
-    v = node.get("versions") or {}
+def versions_line(node: NodeStatus) -> Text:
+    v = node.versions
     text = Text()
-    for key, label in (("package", "anyway"), ("llama_cpp", "llama.cpp"), ("rpc_protocol", "rpc"), ("protocol", "control")):
+    for value, label in (
+        (v.package, "anyway"),
+        (v.llama_cpp, "llama.cpp"),
+        (v.rpc_protocol, "rpc"),
+        (v.protocol, "control"),
+    ):
         if text:
             text.append("  ")
         text.append(f"{label} ", style="dim")
-        text.append(str(v.get(key) or "—"))
+        text.append(value or "—")
     return text
 
 
 class NodeScreen(SnapshotScreen):
     """Everything the head knows about one node."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back"),
         Binding("d", "drain", "Drain"),
         Binding("D", "force_drain", "Force drain", show=False),
@@ -151,17 +138,17 @@ class NodeScreen(SnapshotScreen):
         self.query_one("#node-versions", Static).update(versions_line(node))
         self.query_one("#node-devices-table", Static).update(devices_table(node))
         self._show_memory(node)
-        last_id = as_int((snapshot.cluster or {}).get("events_last_id"))
+        last_id = snapshot.cluster.events_last_id if snapshot.cluster is not None else 0
         if snapshot.reach == "ok" and last_id != self._events_for:
             self._events_for = last_id
             self.run_worker(self._load_events(now=snapshot.now), group="node-events", exclusive=True, exit_on_error=False)
 
-    def _show_memory(self, node: dict[str, Any]) -> None:
-        total = as_float((node.get("memory") or {}).get("total_bytes"))
-        history = [(float(ts), float(free)) for ts, free in node.get("memory_history") or []]
+    def _show_memory(self, node: NodeStatus) -> None:
+        total = float(node.memory.total_bytes)
+        history = [(float(ts), float(free)) for ts, free in node.memory_history]
         spark = self.query_one("#memory-spark", Sparkline)
         label = self.query_one("#memory-range", Label)
-        if not history or total is None:
+        if not history or not total:
             spark.data = [0.0]
             label.update(Text("no memory samples yet", style="dim"))
             return
@@ -178,10 +165,10 @@ class NodeScreen(SnapshotScreen):
 
     async def _load_events(self, *, now: float) -> None:
         try:
-            body = await self.anyway.source.events(node=self.node_name)
+            page = await self.anyway.source.events(node=self.node_name)
         except SourceError:
             return  # the banner already says the head is away
-        events = list(reversed(body.get("events") or []))[:50]
+        events = list(reversed(page.events))[:50]
         self.query_one("#node-event-list", EventList).show_events(events, now=now, show_node=False)
 
     # ------------------------------------------------------------ actions

@@ -29,6 +29,6 @@ class HeadBanner(Static):
             self.message = f"connecting to {url} …"
         else:
             what = "head unreachable" if snapshot.reach == "unreachable" else "head error"
-            stale = " · showing the last known state" if snapshot.cluster else ""
+            stale = " · showing the last known state" if snapshot.cluster is not None else ""
             self.message = f"⚠ {what} — retrying every {retry_s:g}s{stale}\n  {snapshot.error}"
         self.update(Text(self.message))

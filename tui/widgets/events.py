@@ -8,20 +8,21 @@ message cut to the width (the node detail screen shows a node's own events in fu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from ..format import EVENT_KIND_STYLE, as_float, fmt_age
+from appliance.common.status import Event
+
+from ..format import EVENT_KIND_STYLE, fmt_age, styled
 
 
-def events_table(events: Sequence[dict[str, Any]], *, now: float, show_node: bool = True, wrap: bool = False) -> Table:
+def events_table(events: Sequence[Event], *, now: float, show_node: bool = True, wrap: bool = False) -> Table:
     """A borderless table of `events` (already in display order)."""
     table = Table(box=None, show_header=False, expand=True, padding=(0, 1, 0, 0), pad_edge=False)
-    kinds = [len(str(ev.get("kind") or "")) for ev in events] or [4]
-    nodes = [len(str(ev.get("node") or "")) for ev in events] or [0]
+    kinds = [len(ev.kind.value) for ev in events] or [4]
+    nodes = [len(ev.node) for ev in events] or [0]
     table.add_column("age", justify="right", style="dim", no_wrap=True, width=4)
     table.add_column("kind", no_wrap=True, width=min(max(kinds), 13), overflow="ellipsis")
     if show_node and max(nodes):
@@ -30,14 +31,10 @@ def events_table(events: Sequence[dict[str, Any]], *, now: float, show_node: boo
         show_node = False
     table.add_column("message", ratio=1, no_wrap=not wrap, overflow="fold" if wrap else "ellipsis")
     for ev in events:
-        kind = str(ev.get("kind") or "")
-        cells: list[Text | str] = [
-            fmt_age(now - (as_float(ev.get("ts")) or now)),
-            Text(kind, style=EVENT_KIND_STYLE.get(kind, "")),
-        ]
+        cells: list[Text | str] = [fmt_age(now - ev.ts), styled(ev.kind, EVENT_KIND_STYLE)]
         if show_node:
-            cells.append(str(ev.get("node") or ""))
-        cells.append(Text(str(ev.get("message") or "")))
+            cells.append(ev.node)
+        cells.append(Text(ev.message))
         table.add_row(*cells)
     return table
 
@@ -45,7 +42,7 @@ def events_table(events: Sequence[dict[str, Any]], *, now: float, show_node: boo
 class EventList(Static):
     """The rendered event list (put it in a scrolling container)."""
 
-    def show_events(self, events: Sequence[dict[str, Any]], *, now: float, show_node: bool = True) -> None:
+    def show_events(self, events: Sequence[Event], *, now: float, show_node: bool = True) -> None:
         if not events:
             self.update(Text("no events yet", style="dim"))
             return

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from rich.console import RenderableType
 from rich.text import Text
 from textual.widget import Widget
 
-from ..format import as_int, fmt_layers
+from appliance.common.status import PlanStatus
+
+from ..format import fmt_layers
 
 EMPTY_STYLE = "grey35"
 
@@ -30,13 +31,15 @@ class LayerSlice:
     is_head: bool = False
 
 
-def slices_from_plan(plan: dict[str, Any] | None) -> list[LayerSlice]:
+def slices_from_plan(plan: PlanStatus | None) -> list[LayerSlice]:
     """The plan's assignments as slices, in layer order (nodes holding no layer left out)."""
-    out = []
-    for a in (plan or {}).get("assignments") or []:
-        start, end = as_int(a.get("start")), as_int(a.get("end"))
-        if end > start:
-            out.append(LayerSlice(node=str(a.get("node")), start=start, end=end, is_head=bool(a.get("is_head"))))
+    if plan is None:
+        return []
+    out = [
+        LayerSlice(node=a.node, start=a.start, end=a.end, is_head=a.is_head)
+        for a in plan.assignments
+        if a.end > a.start
+    ]
     return sorted(out, key=lambda s: s.start)
 
 
@@ -81,7 +84,7 @@ class LayerMap(Widget):
                 legend.append("  ")
             legend.append("■ ", style=self._colours.get(s.node, "white"))
             legend.append(s.node, style="bold")
-            legend.append(f" {fmt_layers([s.start, s.end])}", style="")
+            legend.append(f" {fmt_layers((s.start, s.end))}", style="")
             legend.append(f" ({s.end - s.start})", style="dim")
         held = sum(s.end - s.start for s in self._slices)
         if n and held < n:

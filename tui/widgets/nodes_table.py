@@ -7,13 +7,16 @@ on that row).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from rich.text import Text
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.widgets import DataTable
 
-from ..format import as_int, cpu_load, devices_summary, fmt_age, fmt_layers, memory_used_free, node_state
+from appliance.common.status import NodeStatus
+
+from ..format import cpu_load, devices_summary, fmt_age, fmt_layers, memory_used_free, node_state
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("name", "node"),
@@ -27,17 +30,16 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
-def node_row(node: dict[str, Any], *, colour: str | None) -> tuple[Text | str, ...]:
+def node_row(node: NodeStatus, *, colour: str | None) -> tuple[Text | str, ...]:
     """The cells of one node's row, in `COLUMNS` order."""
-    n_layers = as_int(node.get("n_layers"))
-    layers = fmt_layers(node.get("layers"))
-    if n_layers:
-        layers = f"{layers} ({n_layers})"
+    layers = fmt_layers(node.layers)
+    if node.n_layers:
+        layers = f"{layers} ({node.n_layers})"
     return (
-        Text(str(node.get("name", "?")), style=f"bold {colour}" if colour else "bold"),
-        str(node.get("address") or "—"),
+        Text(node.name, style=f"bold {colour}" if colour else "bold"),
+        node.address or "—",
         node_state(node),
-        fmt_age(node.get("heartbeat_age_s")),
+        fmt_age(node.heartbeat_age_s),
         devices_summary(node),
         memory_used_free(node),
         layers,
@@ -48,7 +50,7 @@ def node_row(node: dict[str, Any], *, colour: str | None) -> tuple[Text | str, .
 class NodesTable(DataTable[Any]):
     """A DataTable of the cluster's nodes (by name); `selected_node` is the row under the cursor."""
 
-    BINDINGS = [Binding("enter", "select_cursor", "Details")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select_cursor", "Details")]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=False)
@@ -67,14 +69,14 @@ class NodesTable(DataTable[Any]):
             return None
         try:
             key, _ = self.coordinate_to_cell_key(self.cursor_coordinate)
-        except Exception:
+        except Exception:  # noqa: BLE001 - no valid cell under the cursor (mid-update): no selection
             return None
         return None if key.value is None else str(key.value)
 
-    def show_nodes(self, nodes: list[dict[str, Any]], *, colours: dict[str, str]) -> None:
-        nodes = sorted(nodes, key=lambda n: str(n.get("name")))
-        names = [str(n.get("name")) for n in nodes]
-        rows = {str(n.get("name")): node_row(n, colour=colours.get(str(n.get("name")))) for n in nodes}
+    def show_nodes(self, nodes: Sequence[NodeStatus], *, colours: dict[str, str]) -> None:
+        ordered = sorted(nodes, key=lambda n: n.name)
+        names = [n.name for n in ordered]
+        rows = {n.name: node_row(n, colour=colours.get(n.name)) for n in ordered}
         if names == self.node_names:
             for name, cells in rows.items():
                 for (col, _), value in zip(COLUMNS, cells, strict=True):

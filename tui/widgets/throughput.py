@@ -9,7 +9,6 @@ character per poll, so an idle cluster reads as a flat floor and a burst as a sp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from rich.console import RenderableType
 from rich.text import Text
@@ -18,7 +17,7 @@ from textual.containers import Horizontal
 from textual.widget import Widget
 from textual.widgets import Label
 
-from ..format import as_float
+from appliance.common.status import ClusterStatus
 
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -62,10 +61,9 @@ class Throughput(Horizontal):
         yield ThroughputSpark(id="tps-spark")
         yield Label(id="inflight-label")
 
-    def show(self, *, cluster: dict[str, Any] | None, history: Sequence[float]) -> None:
-        tp = (cluster or {}).get("throughput") or {}
-        tps = as_float(tp.get("tokens_per_s"))
-        inflight = tp.get("requests_in_flight")
+    def show(self, *, cluster: ClusterStatus | None, history: Sequence[float]) -> None:
+        tps = cluster.throughput.tokens_per_s if cluster is not None else None
+        inflight = cluster.throughput.requests_in_flight if cluster is not None else None
         label = Text("tok/s ", style="dim")
         label.append("—" if tps is None else f"{tps:.1f}", style="bold")
         self.query_one("#tps-label", Label).update(label)
