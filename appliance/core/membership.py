@@ -66,7 +66,6 @@ class Node:
     cordoned: bool = False
     load: dict[str, Any] = field(default_factory=dict)
     deaths: list[float] = field(default_factory=list)
-    heartbeats: int = 0
     reason: str = ""
     memory_history: list[tuple[float, int]] = field(default_factory=list)
 
@@ -266,7 +265,6 @@ class Membership:
             return None, []
         events: list[Event] = []
         node.last_seen = now
-        node.heartbeats += 1
         self._update_resources(node, body, now)
         rpc_ready = body.get("rpc_ready")
         if isinstance(rpc_ready, bool) and rpc_ready != node.rpc_ready:

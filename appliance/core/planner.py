@@ -127,12 +127,6 @@ class Plan:
     def nodes(self) -> list[str]:
         return [a.node for a in self.assignments]
 
-    def layers_of(self, node: str) -> tuple[int, int] | None:
-        for a in self.assignments:
-            if a.node == node:
-                return (a.start, a.end)
-        return None
-
     def time_per_token(self, speeds: dict[str, float]) -> float:
         """Relative per-token cost: sum over nodes of layers / speed."""
         return sum(a.n_layers / max(speeds.get(a.node, 1.0), 1e-9) for a in self.assignments)
