@@ -33,7 +33,12 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 class BadFrame(ValueError):
-    """A message that does not follow the protocol."""
+    """A message that does not follow the protocol; `version_mismatch` when the peer speaks
+    another version of it (the head then answers REFUSE, so the node can say why)."""
+
+    def __init__(self, message: str, *, version_mismatch: bool = False) -> None:
+        super().__init__(message)
+        self.version_mismatch = version_mismatch
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def decode(frames: list[bytes], *, allowed: frozenset[bytes]) -> Message:
     if proto != PROTOCOL:
         shown = proto[:32]
         if proto.startswith(b"ANYWAY/"):
-            raise BadFrame(f"protocol version mismatch: peer speaks {shown!r}, this node {PROTOCOL!r}")
+            raise BadFrame(f"protocol version mismatch: peer speaks {shown!r}, this node {PROTOCOL!r}", version_mismatch=True)
         raise BadFrame(f"unknown protocol {shown!r}")
     if msg_type not in allowed:
         raise BadFrame(f"unknown message type {msg_type[:32]!r}")

@@ -85,6 +85,7 @@ class WaitKind(str, Enum):
     """Why the loop waits: the head turns some into events (`waiting`, `degraded`), not by text."""
 
     STOPPING = "stopping"  # an engine is stopping; act once it is gone
+    NO_PLAN = "no_plan"  # nothing decided yet (the head just started)
     GATHERING = "gathering"  # no plan yet: nodes are still joining
     HOLD = "hold"  # a planned node is suspect or re-joining: keep the plan
     NO_WORKERS = "no_workers"  # no usable worker at all
@@ -225,7 +226,9 @@ def reconcile(
         return [Wait("engine is stopping", WaitKind.STOPPING)]
     if desired.plan is None:
         if not desired.degraded:
-            return [Wait(desired.hold or "no plan yet", WaitKind.GATHERING)]
+            if desired.hold:
+                return [Wait(desired.hold, WaitKind.GATHERING)]
+            return [Wait("no plan yet", WaitKind.NO_PLAN)]
         if running:
             return [StopEngine(f"degraded: {desired.degraded}", stalled=stalled)]
         kind = WaitKind.NO_WORKERS if desired.no_workers else WaitKind.DEGRADED

@@ -185,7 +185,7 @@ class ControlServer:
                 msg = protocol.decode([f.bytes for f in frames[1:]], allowed=protocol.WORKER_TYPES)
             except protocol.BadFrame as exc:
                 self._bad(str(exc), ident)
-                if "version mismatch" in str(exc):
+                if exc.version_mismatch:
                     await self.send(ident, protocol.REFUSE, {"reason": str(exc)})
                 continue
             try:

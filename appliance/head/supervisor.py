@@ -298,7 +298,7 @@ class Head:
             if wait.kind == WaitKind.NO_WORKERS:
                 # At start-up no worker has joined yet: that is waiting, not a degradation.
                 kind = EventKind.WAITING if self.engine.gen == 0 else EventKind.DEGRADED
-            if kind is not None and (wait.kind != WaitKind.GATHERING or "joining" in wait.reason):
+            if kind is not None:
                 self.events.add(kind, wait.reason)
         self._last_wait = wait.reason
 
