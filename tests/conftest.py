@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import pytest
 
@@ -34,21 +34,24 @@ def tiny_model(demo_model: Path) -> Path:
     return derive_model(demo_model, dst, n_layers=8)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, f"rep_{rep.when}", rep)
+class ClusterPool:
+    """The one way tests start real clusters (`LocalCluster`: a head and workers as separate
+    processes on loopback): each under its own directory below `base`, all stopped by `close()`.
 
+    While a pool is open, a test that fails (in setup or call) gets the last lines of every
+    log of its clusters in its report, as a "cluster logs" section.
+    """
 
-ClusterFactory = Callable[..., LocalCluster]
+    open_pools: ClassVar[list[ClusterPool]] = []
+    LOG_LINES = 25
 
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.clusters: list[LocalCluster] = []
+        ClusterPool.open_pools.append(self)
 
-@pytest.fixture
-def make_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClusterFactory]:
-    clusters: list[LocalCluster] = []
-
-    def make(
+    def start(
+        self,
         model: Path,
         *,
         workers: int = 2,
@@ -58,25 +61,68 @@ def make_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Clu
         start: bool = True,
         **kw: Any,
     ) -> LocalCluster:
+        """A cluster for `model` with `workers` workers named w1..wN (`memory` caps each);
+        `start=False` only prepares it (keys, ports). Extra keywords go to LocalCluster."""
         c = LocalCluster(
-            model=model, state_dir=tmp_path / f"cluster{len(clusters)}", heartbeat_interval=heartbeat, n_ctx=N_CTX, **kw
+            model=model, state_dir=self.base / f"cluster{len(self.clusters)}", heartbeat_interval=heartbeat,
+            n_ctx=N_CTX, **kw,
         )
-        clusters.append(c)
+        self.clusters.append(c)
         if start:
             c.start_head(head_args)
             for i in range(1, workers + 1):
                 c.start_worker(f"w{i}", memory=memory)
         return c
 
-    yield make
-    for c in clusters:
-        c.stop()
-    failed = any(getattr(request.node, f"rep_{w}", None) is not None and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
-    if failed:
-        for c in clusters:
+    def log_tails(self) -> str:
+        out = []
+        for c in self.clusters:
             for name, path in c.logs.items():
-                lines = path.read_text(errors="replace").splitlines()[-25:]
-                print(f"----- {name} ({path}) -----\n" + "\n".join(lines))
+                try:
+                    lines = path.read_text(errors="replace").splitlines()[-self.LOG_LINES :]
+                except OSError as exc:
+                    lines = [f"(unreadable: {exc})"]
+                out.append(f"----- {name} ({path}) -----\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def close(self) -> None:
+        if self in ClusterPool.open_pools:
+            ClusterPool.open_pools.remove(self)
+        for c in self.clusters:
+            c.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and rep.when in ("setup", "call"):
+        tails = "\n".join(t for t in (pool.log_tails() for pool in ClusterPool.open_pools) if t)
+        if tails:
+            rep.sections.append((f"cluster logs (last {ClusterPool.LOG_LINES} lines each)", tails))
+
+
+ClusterFactory = Callable[..., LocalCluster]
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
+    """Start clusters for one test: `make_cluster(model, workers=2, ...)` (ClusterPool.start)."""
+    pool = ClusterPool(tmp_path)
+    try:
+        yield pool.start
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def make_module_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFactory]:
+    """Like make_cluster, for module-scoped fixtures: the clusters live until the module's last test."""
+    pool = ClusterPool(tmp_path_factory.mktemp(f"{request.module.__name__.rsplit('.', 1)[-1]}-clusters"))
+    try:
+        yield pool.start
+    finally:
+        pool.close()
 
 
 class Reference:

@@ -1,12 +1,43 @@
-"""Test helpers: a small model derived from the demo model, and cluster fixtures' plumbing."""
+"""Test helpers: a small model derived from the demo model, and polling with a deadline."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import gguf
 import numpy as np
+
+T = TypeVar("T")
+
+
+class WaitTimeout(AssertionError, TimeoutError):
+    """`wait_until` gave up: a test failure (AssertionError) that is also a TimeoutError."""
+
+
+def wait_until(predicate: Callable[[], T], *, timeout_s: float, what: str, interval_s: float = 0.1) -> T:
+    """Call `predicate()` every `interval_s` until it returns something truthy, and return that.
+
+    It is always called at least once, and once more at the deadline. After `timeout_s`
+    raises WaitTimeout (an AssertionError and a TimeoutError) naming `what` and the last
+    value seen. Exceptions from `predicate` propagate: a predicate that can fail for a
+    while (a server still starting) catches its own errors and returns a falsy value.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = predicate()
+        if last:
+            return last
+        left = deadline - time.monotonic()
+        if left <= 0:
+            seen = repr(last)
+            if len(seen) > 2000:
+                seen = seen[:2000] + "..."
+            raise WaitTimeout(f"timed out after {timeout_s:g}s waiting for {what}; last value: {seen}")
+        time.sleep(min(interval_s, left))
 
 
 def derive_model(src: Path, dst: Path, *, n_layers: int) -> Path:

@@ -48,6 +48,8 @@ import yaml
 from ansible_harness.netns import LabNetwork, sh
 from ansible_harness.units import FakeSystemd, Unit
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 ANSIBLE_DIR = ROOT / "ansible"
 PLAYBOOK = ANSIBLE_DIR / "deploy.yml"
@@ -390,7 +392,6 @@ PREFLIGHT_CASES = {
 }
 
 
-@pytest.mark.slow
 def test_preflight_passes_on_fit_boxes(lab: Lab) -> None:
     run = run_playbook(lab.base, lab.inventory, "--tags", "preflight")
     assert run.rc == 0, _explain(run, lab)
@@ -399,7 +400,6 @@ def test_preflight_passes_on_fit_boxes(lab: Lab) -> None:
     assert re.search(rf"w1: Debian .* head reachable at {re.escape(lab.head)}:5555", run.flat()), run.tail()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", list(PREFLIGHT_CASES))
 def test_preflight_failures_are_clear(lab: Lab, case: str) -> None:
     extra, failing, pattern = PREFLIGHT_CASES[case]
@@ -424,7 +424,6 @@ def test_preflight_failures_are_clear(lab: Lab, case: str) -> None:
 
 
 # ----------------------------------------------------------------------------- deployment
-@pytest.mark.slow
 def test_deploy_serves_chat_split_across_workers(lab: Lab, first_run: PlaybookRun) -> None:
     run = first_run
     assert run.rc == 0, _explain(run, lab)
@@ -463,7 +462,6 @@ def test_deploy_serves_chat_split_across_workers(lab: Lab, first_run: PlaybookRu
     assert httpx.get(f"{lab.api}/v1/models", timeout=10).status_code == 401
 
 
-@pytest.mark.slow
 def test_deployed_units_verify(lab: Lab, first_run: PlaybookRun) -> None:
     assert first_run.rc == 0, _explain(first_run, lab)
     expected = {"head1": {"anyway-head.service"}, "w1": {"anyway-worker.service", "anyway-firewall.service"}}
@@ -493,7 +491,6 @@ def test_deployed_units_verify(lab: Lab, first_run: PlaybookRun) -> None:
             assert m and float(m.group(1)) <= 3.0, f"{p.name} exposure too high:\n{sec.stdout[-3000:]}"
 
 
-@pytest.mark.slow
 def test_deployed_files_keys_and_firewall(lab: Lab, first_run: PlaybookRun) -> None:
     assert first_run.rc == 0, _explain(first_run, lab)
     # Each box got only the keys its role needs, secrets readable by its service user only.
@@ -527,7 +524,6 @@ def test_deployed_files_keys_and_firewall(lab: Lab, first_run: PlaybookRun) -> N
         assert f"ip saddr {lab.head} tcp dport 50052 accept" in rules, rules
 
 
-@pytest.mark.slow
 def test_second_run_changes_nothing(lab: Lab, first_run: PlaybookRun) -> None:
     assert first_run.rc == 0, _explain(first_run, lab)
     run = run_playbook(lab.base, lab.inventory, on_line=lambda line: None)
@@ -543,7 +539,6 @@ def test_second_run_changes_nothing(lab: Lab, first_run: PlaybookRun) -> None:
     assert httpx.get(f"{lab.api}/health", timeout=10).status_code == 200
 
 
-@pytest.mark.slow
 def test_remove_a_worker(lab: Lab, first_run: PlaybookRun) -> None:
     assert first_run.rc == 0, _explain(first_run, lab)
     refused = run_playbook(lab.base, lab.inventory, "-l", "w2", playbook=REMOVE)

@@ -9,10 +9,15 @@ from __future__ import annotations
 import concurrent.futures
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from openai import OpenAI
+
+from appliance.cli.up import LocalCluster
+
+pytestmark = pytest.mark.slow
 
 BAD_REQUESTS = [
     pytest.param("/v1/chat/completions", b"{not json", 400, "invalid_json", id="invalid-json"),
@@ -39,19 +44,16 @@ BAD_REQUESTS = [
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):  # type: ignore[no-untyped-def]
-    from appliance.cli.up import LocalCluster
+def api_cluster(make_module_cluster, tiny_model: Path) -> LocalCluster:  # type: ignore[no-untyped-def]
+    c = make_module_cluster(tiny_model, workers=2)
+    c.wait_serving(nodes=2)
+    return c
 
-    c = LocalCluster(model=tiny_model, state_dir=tmp_path_factory.mktemp("api"), heartbeat_interval=0.2, n_ctx=2048)
-    c.start_head()
-    c.start_worker("w1")
-    c.start_worker("w2")
-    try:
-        c.wait_serving(nodes=2)
-        model_id = httpx.get(f"{c.url}/v1/models").json()["data"][0]["id"]
-        yield c.url, model_id
-    finally:
-        c.stop()
+
+@pytest.fixture(scope="module")
+def api(api_cluster: LocalCluster) -> tuple[str, str]:
+    model_id = httpx.get(f"{api_cluster.url}/v1/models").json()["data"][0]["id"]
+    return api_cluster.url, model_id
 
 
 def good_request(url: str, model_id: str) -> None:
@@ -132,15 +134,53 @@ def test_concurrent_clients_all_get_correct_answers(api, tiny_model: Path, refer
     assert results == expected
 
 
-def test_client_disconnect_mid_stream_does_not_hurt(api) -> None:  # type: ignore[no-untyped-def]
-    url, model_id = api
+def in_flight(state: dict[str, Any]) -> dict[str, int]:
+    """Work still going on: requests the head tracks (two views of one count) and what the
+    engine process itself last reported in its heartbeat (every ~0.5 s)."""
+    stats = state["engine"]["stats"]
+    return {
+        "head": state["throughput"]["requests_in_flight"],
+        "head_engine": state["engine"]["requests_in_flight"],
+        "engine": stats["active"] + stats["queued"],
+    }
+
+
+def idle(state: dict[str, Any]) -> bool:
+    return not any(in_flight(state).values())
+
+
+def test_client_disconnect_mid_stream_does_not_hurt(api_cluster: LocalCluster, tiny_model: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    """A client that goes away mid-stream takes its request with it: the head forgets it and
+    the engine stops decoding it at once, instead of running on to max_tokens for nobody."""
+    c = api_cluster
+    model_id = httpx.get(f"{c.url}/v1/models").json()["data"][0]["id"]
+    prompt, max_tokens = "Tell me a long story", 500
+    # What makes the checks below mean something: left alone, this request decodes all 500
+    # tokens (greedy, no end of text before), i.e. seconds after the client has gone.
+    assert reference.complete(tiny_model, prompt, max_tokens)[1] == max_tokens
+    before = c.wait(idle, timeout_s=30, what="no work in flight before the request")["engine"]["stats"]
+    during: dict[str, Any] | None = None
     with httpx.stream(
         "POST",
-        f"{url}/v1/completions",
-        json={"model": model_id, "prompt": "Tell me a long story", "max_tokens": 500, "stream": True},
+        f"{c.url}/v1/completions",
+        json={"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True},
         timeout=60,
     ) as r:
+        assert r.status_code == 200
         for i, _ in enumerate(r.iter_lines()):
-            if i > 3:
+            if i == 3:  # two chunks read; leaving the loop closes the connection
+                during = c.cluster_state()
                 break
-    good_request(url, model_id)
+    assert during is not None and in_flight(during)["head"] == 1, during and in_flight(during)
+
+    # Idle in the head, and in an engine heartbeat sent after the request began (one that
+    # counts its tokens: a heartbeat from before the request also says idle).
+    def settled(s: dict[str, Any]) -> bool:
+        return idle(s) and s["engine"]["stats"]["tokens"] > before["tokens"]
+
+    after = c.wait(settled, timeout_s=5, what="the abandoned request to leave the head and the engine")
+    # A request decoded on to the end would also be idle by now (500 tokens take ~2 s here):
+    # what tells it apart is how many tokens the engine made.
+    decoded = after["engine"]["stats"]["tokens"] - before["tokens"]
+    assert decoded < max_tokens // 2, f"the engine decoded {decoded} tokens for a client that had gone"
+    good_request(c.url, model_id)

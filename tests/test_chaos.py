@@ -35,6 +35,8 @@ from openai import OpenAI
 
 from appliance.cli.up import LocalCluster
 
+pytestmark = pytest.mark.slow
+
 WORKERS = ("w1", "w2", "w3")
 CLIENTS = 3
 MAX_TOKENS = 40

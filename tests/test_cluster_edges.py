@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,9 @@ from appliance.core.planner import MIB, NodeCapacity, PlanError, make_plan
 from appliance.common.modelfile import load_profile
 
 from conftest import N_CTX
+from helpers import wait_until
+
+pytestmark = pytest.mark.slow
 
 
 def chat_ok(url: str, api_key: str = "x") -> str:
@@ -103,9 +105,8 @@ def test_worker_with_wrong_keys_cannot_join(make_cluster, tiny_model: Path, tmp_
     c.wait(refused, timeout_s=30, what="refusal event")
     state = c.cluster_state()
     assert state is not None and [n["name"] for n in state["nodes"]] == ["w1"]
-    deadline = time.monotonic() + 15
-    while "head_not_answering" not in c.logs["intruder"].read_text() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: "head_not_answering" in c.logs["intruder"].read_text(), timeout_s=15,
+               what="the intruder to log head_not_answering", interval_s=0.2)
     log = c.logs["intruder"].read_text()
     assert "head_not_answering" in log and "cluster keys" in log
     assert "accepted_by_head" not in log
@@ -161,15 +162,15 @@ def test_garbage_on_the_control_plane_is_dropped(make_cluster, tiny_model: Path)
     # Raw bytes from something that does not speak ZMTP at all.
     with socket.create_connection(("127.0.0.1", c.control_port), timeout=5) as raw:
         raw.sendall(os.urandom(4096))
-    deadline = time.monotonic() + 20
-    bad = 0.0
-    while time.monotonic() < deadline:
+
+    def bad_frames() -> float:
         for line in httpx.get(f"{c.url}/metrics").text.splitlines():
             if line.startswith("anyway_control_bad_frames_total "):
-                bad = float(line.split()[1])
-        if bad >= 4:
-            break
-        time.sleep(0.3)
+                return float(line.split()[1])
+        return 0.0
+
+    bad = wait_until(lambda: (n := bad_frames()) >= 4 and n, timeout_s=20,
+                     what="anyway_control_bad_frames_total >= 4", interval_s=0.3)
     assert bad >= 4
     assert c.procs["head"].poll() is None
     state = c.wait(lambda st: st["health"]["status"] == "ok", timeout_s=20, what="still serving")
@@ -179,14 +180,14 @@ def test_garbage_on_the_control_plane_is_dropped(make_cluster, tiny_model: Path)
 
 def test_api_key_protects_the_api(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     c = make_cluster(tiny_model, workers=1, head_args=["--api-key", "s3cret"])
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         try:
-            if httpx.get(f"{c.url}/health", timeout=2).status_code == 200:
-                break
+            return httpx.get(f"{c.url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+            return False
+
+    wait_until(healthy, timeout_s=90, what="/health to answer 200", interval_s=0.3)
     r = httpx.get(f"{c.url}/v1/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{c.url}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200

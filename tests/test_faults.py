@@ -24,24 +24,18 @@ from openai import OpenAI
 
 from appliance.cli.up import LocalCluster
 
+pytestmark = pytest.mark.slow
+
 MESSAGES = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 N_TOKENS = 160
 KILL_AFTER_CHUNKS = 25
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Any:
-    c = LocalCluster(model=demo_model, state_dir=tmp_path_factory.mktemp("faults"), heartbeat_interval=0.2, n_ctx=2048)
-    c.start_head()
-    for i in (1, 2, 3):
-        c.start_worker(f"w{i}")
-    try:
-        c.wait_serving(nodes=3)
-        yield c
-    finally:
-        c.stop()
-        for name, path in c.logs.items():
-            print(f"----- {name} -----\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+def cluster(make_module_cluster: Any, demo_model: Path) -> LocalCluster:
+    c = make_module_cluster(demo_model, workers=3)
+    c.wait_serving(nodes=3)
+    return c
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     "Once upon a time, in a land far away,",
     "The three primary colors are",

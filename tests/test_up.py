@@ -6,14 +6,17 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from openai import OpenAI
 
 from appliance.cli.up import free_port
+from helpers import wait_until
+
+pytestmark = pytest.mark.slow
 
 
 def processes_mentioning(text: str) -> list[psutil.Process]:
@@ -39,14 +42,11 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path: Path, tiny_model: Path
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        def serving() -> bool:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            if any(line.startswith("serving ") for line in lines):
-                break
-            time.sleep(0.3)
-        else:
-            raise AssertionError("anyway up did not say it was serving within 120 s")
+            return any(line.startswith("serving ") for line in lines)
+
+        wait_until(serving, timeout_s=120, what="anyway up to say it is serving", interval_s=0.3)
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         running = processes_mentioning(str(state))
         kinds = " ".join(" ".join(p.cmdline()) for p in running)
@@ -70,9 +70,8 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path: Path, tiny_model: Path
     reader.join(timeout=10)
     out = "".join(lines)
     assert f"serving {tiny_model.stem} at http://127.0.0.1:{port}/v1" in out
-    deadline = time.monotonic() + 10
-    while processes_mentioning(str(state)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: processes_mentioning(str(state)) == [], timeout_s=10,
+               what=f"no process left mentioning {state}", interval_s=0.2)
     assert processes_mentioning(str(state)) == []
 
 
