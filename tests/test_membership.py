@@ -43,6 +43,7 @@ def test_join_settle_alive_suspect_dead_rejoin() -> None:
     assert [e.kind for e in ev] == ["rejoin"] and node.state == NodeState.JOINING
     # One recent death: the settle time doubles before it is planned again.
     assert m.tick(11.5) == []
+    m.heartbeat(identity=b"a", body={}, now=11.9)  # it keeps heartbeating while it settles
     assert [e.kind for e in m.tick(12.1)] == ["alive"]
 
 

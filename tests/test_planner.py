@@ -122,6 +122,46 @@ def test_context_size_changes_the_fit() -> None:
     assert sum(a.kv_bytes for a in small.assignments) == 64 * 1024 * 1024 * 10
 
 
+@pytest.mark.parametrize(
+    "nodes, profile, hint",
+    [
+        pytest.param([W("a", 2 * GIB), W("b", 2 * GIB)], model(kv=64 * 1024), 3989, id="smaller-context-fits"),
+        pytest.param([W("a", 400 * MIB), W("b", 400 * MIB)], model(), None, id="no-context-fits"),
+    ],
+)
+def test_no_fit_searches_a_bounded_number_of_placements(
+    monkeypatch: pytest.MonkeyPatch, nodes: list[NodeCapacity], profile: ModelProfile, hint: int | None
+) -> None:
+    """Issue 11, defect 1: the no-fit path used to recurse (`_no_fit_error` -> `_fits` ->
+    `make_plan` -> `_no_fit_error` ...): 386 placements for the first case, 8,191 for the
+    second. The hint's binary search over n_ctx now tries one placement per probe."""
+    from appliance.core import planner
+
+    calls = 0
+    try_plan = planner._try_plan
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return try_plan(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "_try_plan", counting)
+    with pytest.raises(PlanError) as exc:
+        make_plan(nodes=nodes, profile=profile, n_ctx=8192)
+    assert 1 <= calls <= 64, f"{calls} placement attempts for one failing plan"
+    msg = str(exc.value)
+    assert "does not fit" in msg and "add a node with at least" in msg
+    if hint is None:
+        assert "lower the context" not in msg
+    else:
+        # The hint is the largest context that fits, and it does fit.
+        assert f"lower the context to {hint} tokens or less" in msg
+        monkeypatch.setattr(planner, "_try_plan", try_plan)
+        make_plan(nodes=nodes, profile=profile, n_ctx=hint)
+        with pytest.raises(PlanError):
+            make_plan(nodes=nodes, profile=profile, n_ctx=hint + 1)
+
+
 def test_no_nodes() -> None:
     with pytest.raises(PlanError, match="no nodes"):
         make_plan(nodes=[], profile=model(), n_ctx=2048)

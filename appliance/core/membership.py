@@ -322,7 +322,12 @@ class Membership:
             elif node.state == NodeState.ALIVE and silent > t.SUSPECT_AFTER_S:
                 self._set(node, NodeState.SUSPECT, now)
                 events.append(Event(EventKind.SUSPECT, node.name, f"{node.name} is suspect (silent {silent:.1f}s)"))
-            elif node.state == NodeState.JOINING and node.rpc_ready and now - node.joined_at >= self.settle_s(node, now):
+            elif (
+                node.state == NodeState.JOINING
+                and node.rpc_ready
+                and silent <= t.SUSPECT_AFTER_S  # a joining node that went quiet is not ready
+                and now - node.joined_at >= self.settle_s(node, now)
+            ):
                 self._set(node, NodeState.ALIVE, now)
                 events.append(Event(EventKind.ALIVE, node.name, f"{node.name} is alive and ready for layers"))
         for name, r in list(self.refused.items()):

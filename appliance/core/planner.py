@@ -295,7 +295,14 @@ def _allocate(
     ]
     if sum(weights) <= 0:
         weights = [float(c) for c in caps]
-    return _proportional(weights, caps, profile.n_layers)
+    counts = _proportional(weights, caps, profile.n_layers)
+    if counts[output_idx] == 0 and caps[output_idx] > 0:
+        # llama.cpp puts the output only on a device that holds a layer: when the output
+        # device's share rounds to nothing, it takes one layer from the largest share.
+        donor = max(range(len(counts)), key=lambda i: (counts[i], -i))
+        counts[donor] -= 1
+        counts[output_idx] += 1
+    return counts
 
 
 def _try_plan(
@@ -344,7 +351,7 @@ def _place(
         need = reserve + extra + one_layer
         if n.speed <= 0 and strategy != "memory":
             excluded.append((n.name, "speed weight is 0"))
-        elif n.free_bytes < need and not n.is_head:
+        elif n.free_bytes < need:
             excluded.append((n.name, f"too small for one layer (needs {fmt_bytes(need)}, has {fmt_bytes(n.free_bytes)})"))
         else:
             usable.append(n)
@@ -377,7 +384,7 @@ def make_plan(
     assignments: list[Assignment] = []
     start = 0
     for i, (n, c) in enumerate(zip(ordered, counts)):
-        if c == 0 and not n.is_head:
+        if c == 0:
             excluded.append((n.name, "not needed: the others hold every layer"))
             continue
         output = i == out_idx

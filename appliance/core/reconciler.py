@@ -112,7 +112,16 @@ class Wait:
     kind: WaitKind
 
 
-Action = StartEngine | StopEngine | Wait
+@dataclass(frozen=True)
+class Adopt:
+    """The running layout is still the right one for a changed set of usable nodes (a node
+    came back but gets no layers): remember that set, so that later passes compare with it
+    and free-memory jitter does not re-plan."""
+
+    considered: frozenset[str]
+
+
+Action = StartEngine | StopEngine | Wait | Adopt
 
 
 def _plan_for(
@@ -249,6 +258,8 @@ def reconcile(
     ):
         return [StopEngine(f"no decode progress for {timing.ENGINE_STALL_TIMEOUT_S:.0f}s", stalled=True)]
     if running:
+        if desired.considered != engine.considered and engine.plan is desired.plan:
+            return [Adopt(desired.considered)]
         return []
     if not restart_allowed:
         return [Wait("engine restart backoff", WaitKind.BACKOFF)]

@@ -27,6 +27,7 @@ from appliance.core.membership import Event, Membership
 from appliance.core.planner import fmt_bytes
 from appliance.core.profile import ModelProfile
 from appliance.core.reconciler import (
+    Adopt,
     Desired,
     NodeView,
     StartEngine,
@@ -281,6 +282,8 @@ class Head:
                     layout = ", ".join(f"{a.node}:{a.start}-{a.end - 1}" for a in action.plan.assignments if a.n_layers)
                     self.events.add(EventKind.REPLAN, f"plan over {len(action.plan.rpc_assignments)} worker(s): {layout}")
                 await self.engine.start(action.plan, action.considered)
+            elif isinstance(action, Adopt):
+                self.engine.considered = action.considered
             elif isinstance(action, Wait):
                 self._note_wait(action)
         if not any(isinstance(a, Wait) for a in actions):
