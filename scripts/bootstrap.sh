@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Creates .venv with everything `make run` and `make test` need, on a fresh machine.
 #
-# llama-cpp-python must be built from source with the ggml RPC backend. pip's own
-# wheel cache ignores CMAKE_ARGS and would silently hand back a build without RPC,
-# so we keep our own wheelhouse keyed by version and flags, build with
-# --no-cache-dir, and check llama_supports_rpc() after installing. A wheelhouse
-# entry that lacks RPC is deleted and rebuilt.
+# llama-cpp-python must be built from source with the ggml RPC backend, and without
+# llamafile's sgemm: with it, ggml's CPU backend computes a batch of tokens with other
+# kernels than one token, so an answer resumed after an engine restart in one batched
+# pass would drift from the text it would have written (docs/RECOVERY.md). pip's own
+# wheel cache ignores CMAKE_ARGS and would silently hand back another build, so we keep
+# our own wheelhouse keyed by version and flags, build with --no-cache-dir, and check
+# the build after installing. A wheelhouse entry built otherwise is deleted and rebuilt.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -14,7 +16,7 @@ cd "$here"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 LLAMA_VERSION="${LLAMA_VERSION:-0.3.36}"
-LLAMA_CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_RPC=ON}"
+LLAMA_CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_RPC=ON -DGGML_LLAMAFILE=OFF}"
 flags_key="$(printf '%s' "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-12)"
 WHEELHOUSE="${ANYWAY_WHEELHOUSE:-$HOME/.cache/anyway/wheelhouse}/llama-cpp-python-${LLAMA_VERSION}-$(uname -m)-${flags_key}"
 EXTRAS="${EXTRAS:-test}"
@@ -31,7 +33,8 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade "pip>=24" wheel setuptools
 
-# Exit status: 0 RPC present, 3 built without RPC, anything else: import failed.
+# Exit status: 0 RPC present and llamafile off, 3 built without RPC, 4 built with
+# llamafile's sgemm, anything else: import failed.
 rpc_check() {
   "$VENV/bin/python" - <<'PY'
 import sys
@@ -40,7 +43,9 @@ try:
 except Exception as exc:  # missing dependency, broken build: not a verdict on RPC
     print(f"llama_cpp does not import: {exc}", file=sys.stderr)
     sys.exit(2)
-sys.exit(0 if llama_cpp.llama_supports_rpc() else 3)
+if not llama_cpp.llama_supports_rpc():
+    sys.exit(3)
+sys.exit(4 if "LLAMAFILE = 1" in llama_cpp.llama_print_system_info().decode() else 0)
 PY
 }
 
@@ -64,8 +69,8 @@ else
   # Dependencies come from the index; the package itself only from our wheel.
   "${PIP[@]}" install -q --force-reinstall --no-cache-dir "$wheel"
   status=0; rpc_check || status=$?
-  if [ "$status" = 3 ]; then
-    log "the llama-cpp-python wheel $wheel was built without the RPC backend; deleting it. Run make again to rebuild."
+  if [ "$status" = 3 ] || [ "$status" = 4 ]; then
+    log "the llama-cpp-python wheel $wheel was not built with $LLAMA_CMAKE_ARGS; deleting it. Run make again to rebuild."
     rm -f "$wheel"
     exit 1
   elif [ "$status" != 0 ]; then

@@ -153,7 +153,7 @@ def run_playbook(
 def llama_wheel() -> Path:
     """The llama-cpp-python wheel with RPC that scripts/bootstrap.sh built on this machine."""
     house = Path(os.environ.get("ANYWAY_WHEELHOUSE") or Path.home() / ".cache" / "anyway" / "wheelhouse")
-    flags = hashlib.sha256(b"-DGGML_RPC=ON").hexdigest()[:12]
+    flags = hashlib.sha256(b"-DGGML_RPC=ON -DGGML_LLAMAFILE=OFF").hexdigest()[:12]
     arch = os.uname().machine
     found = sorted(house.glob(f"llama-cpp-python-{LLAMA_VERSION}-{arch}-{flags}/llama_cpp_python-{LLAMA_VERSION}-*.whl"))
     found = found or sorted(house.glob(f"llama-cpp-python-{LLAMA_VERSION}-{arch}-*/llama_cpp_python-{LLAMA_VERSION}-*.whl"))

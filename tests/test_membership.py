@@ -138,3 +138,14 @@ def test_garbage_in_resource_fields_is_ignored() -> None:
     m = fresh()
     node, _ = m.hello(identity=b"a", body=hello(memory="lots", devices="gpu", speed=-3, load=[1]), peer_address="10.0.0.5", now=0.0)
     assert node.plannable_bytes == 0 and node.devices == [] and node.speed == 1.0 and node.load == {}
+
+
+def test_a_worker_built_with_llamafile_is_accepted_with_a_warning() -> None:
+    """Its batched kernels differ from its one-token kernels: resumed answers may drift."""
+    m = fresh()
+    node, events = m.hello(identity=b"a", body=hello(llamafile=True), peer_address="10.0.0.5", now=0.0)
+    assert [e.kind for e in events] == ["join", "version_skew"] and "llamafile" in events[1].message
+    assert node.versions["llamafile"] == "on"
+    _, events = m.hello(identity=b"b", body=hello(name="w2", node_id="id-2", llamafile=False), peer_address="10.0.0.6",
+                        now=0.0)
+    assert [e.kind for e in events] == ["join"]

@@ -219,3 +219,71 @@ def test_cli_plan(demo_model: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert res.returncode == 2 and "does not fit" in res.stderr and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------- stable re-plans
+def ranges(plan: Plan) -> dict[str, tuple[int, int]]:
+    return {a.node: (a.start, a.end) for a in plan.assignments}
+
+
+def moved_layers(before: Plan, after: Plan) -> set[int]:
+    """Layers whose node changed: what a re-plan sends over the network."""
+    owner = {i: a.node for a in before.assignments for i in range(a.start, a.end)}
+    return {i for a in after.assignments for i in range(a.start, a.end) if owner.get(i) != a.node}
+
+
+THREE = [W("w1", 4 * GIB), W("w2", 4 * GIB), W("w3", 4 * GIB)]
+
+
+@pytest.mark.parametrize(
+    "lost, survivors_keep",
+    [
+        pytest.param("w1", {"w2", "w3"}, id="first-node"),
+        pytest.param("w2", {"w1", "w3"}, id="middle-node"),
+        pytest.param("w3", {"w1", "w2"}, id="last-node-output-moves"),
+    ],
+)
+def test_losing_a_node_moves_only_its_layers(lost: str, survivors_keep: set[str]) -> None:
+    from appliance.core.planner import replan_without
+
+    prof = model(12)
+    before = make_plan(nodes=THREE, profile=prof, n_ctx=2048)
+    lost_layers = set(range(*ranges(before)[lost]))
+    after = replan_without(before, nodes=[n for n in THREE if n.name != lost], profile=prof, n_ctx=2048)
+    assert after is not None
+    assert {a.node for a in after.assignments} == survivors_keep
+    assert moved_layers(before, after) == lost_layers  # nothing else moves
+    for name in survivors_keep:  # every survivor keeps its range and grows it
+        (s0, e0), (s1, e1) = ranges(before)[name], ranges(after)[name]
+        assert s1 <= s0 and e1 >= e0
+    assert after.output_node == after.assignments[-1].node
+    assert sum(a.n_layers for a in after.assignments) == prof.n_layers
+
+
+def test_a_fresh_plan_after_the_same_loss_would_move_more() -> None:
+    """Why the stable re-plan exists: planning from scratch shuffles the survivors too."""
+    from appliance.core.planner import replan_without
+
+    prof = model(12)
+    four = [*THREE, W("w4", 4 * GIB)]
+    before = make_plan(nodes=four, profile=prof, n_ctx=2048)
+    survivors = [n for n in four if n.name != "w2"]
+    fresh = make_plan(nodes=survivors, profile=prof, n_ctx=2048)
+    stable = replan_without(before, nodes=survivors, profile=prof, n_ctx=2048)
+    assert stable is not None and len(moved_layers(before, stable)) < len(moved_layers(before, fresh))
+
+
+@pytest.mark.parametrize(
+    "survivors, n_ctx, why",
+    [
+        pytest.param([W("w1", 4 * GIB), W("w2", 4 * GIB), W("w3", 4 * GIB)], 2048, "nothing lost", id="nothing-lost"),
+        pytest.param([W("w1", 700 * MIB), W("w3", 700 * MIB)], 2048, "too small", id="survivors-too-small"),
+        pytest.param([W("w1", 4 * GIB), W("w3", 4 * GIB)], 4096, "context changed", id="context-changed"),
+    ],
+)
+def test_stable_replan_declines_when_a_fresh_plan_is_needed(survivors, n_ctx: int, why: str) -> None:  # type: ignore[no-untyped-def]
+    from appliance.core.planner import replan_without
+
+    prof = model(12)
+    before = make_plan(nodes=THREE, profile=prof, n_ctx=2048)
+    assert replan_without(before, nodes=survivors, profile=prof, n_ctx=n_ctx) is None, why

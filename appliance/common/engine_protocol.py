@@ -232,12 +232,15 @@ class Heartbeat:
     T: ClassVar[str] = "hb"
     active: int
     queued: int
-    steps: int
-    tokens: int
+    steps: int  # decode steps
+    tokens: int  # tokens sampled and sent
+    prefilled: int = 0  # tokens brought in by prefills (prompts and resumed answers)
+    decodes: int = 0  # llama_decode calls (prefill chunks and decode steps)
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> "Heartbeat":
-        return cls(**{k: _int(d, k, default=0, lo=0) for k in ("active", "queued", "steps", "tokens")})
+        keys = ("active", "queued", "steps", "tokens", "prefilled", "decodes")
+        return cls(**{k: _int(d, k, default=0, lo=0) for k in keys})
 
 
 ToEngine = Union[Submit, Cancel, Stop]

@@ -186,6 +186,15 @@ def llama_cpp_version() -> str:
     return str(llama_cpp.__version__)
 
 
+def uses_llamafile_sgemm() -> bool:
+    """Whether this ggml computes batches with llamafile's sgemm: then a batch of tokens is
+    computed with other kernels than one token at a time, and an answer resumed in one
+    batched pass after a failure may drift from the text it would have written."""
+    import llama_cpp
+
+    return "LLAMAFILE = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
 class _InitParams(ctypes.Structure):
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 

@@ -73,6 +73,7 @@ class NodeVersions(_Model):
     rpc_protocol: str = ""
     protocol: str = ""
     llama_cpp: str = ""
+    llamafile: str = ""  # "on" when its ggml uses llamafile's sgemm (resumes may drift)
 
 
 class NodeLoad(_Model):
@@ -140,10 +141,14 @@ class PlanStatus(_Model):
 
 
 class EngineStats(_Model):
+    """The running engine's counters since it started (from its heartbeats)."""
+
     active: int = 0
     queued: int = 0
     steps: int = 0
     tokens: int = 0
+    prefilled: int = 0
+    decodes: int = 0
 
 
 class EngineStatus(_Model):

@@ -234,6 +234,11 @@ class Membership:
         }
         if version != self.package_version:
             events.append(Event(EventKind.VERSION_SKEW, name, f"{name} runs anyway {version}, head runs {self.package_version}"))
+        if body.get("llamafile") is True:
+            node.versions["llamafile"] = "on"
+            events.append(Event(EventKind.VERSION_SKEW, name, f"{name}'s llama.cpp is built with llamafile's sgemm: "
+                                "an answer resumed after a failure may differ from the fault-free text "
+                                "(rebuild with -DGGML_LLAMAFILE=OFF, as the appliance's installers do)"))
         self._update_resources(node, body, now)
         node.last_seen = now
         self.by_identity[identity] = name

@@ -380,16 +380,28 @@ def make_plan(
     if result is None:
         raise _no_fit_error(nodes=nodes, profile=profile, n_ctx=n_ctx, strategy=strategy)
     ordered, counts, out_idx = result
+    return _assemble(ordered, counts, output_node=ordered[out_idx].name, profile=profile, n_ctx=n_ctx,
+                     strategy=strategy, excluded=excluded)
 
+
+def _assemble(
+    ordered: Sequence[NodeCapacity],
+    counts: Sequence[int],
+    *,
+    output_node: str,
+    profile: ModelProfile,
+    n_ctx: int,
+    strategy: str,
+    excluded: list[tuple[str, str]],
+) -> Plan:
+    """The plan for `counts[i]` contiguous layers on `ordered[i]`, in device order."""
     assignments: list[Assignment] = []
     start = 0
-    for i, (n, c) in enumerate(zip(ordered, counts)):
+    for n, c in zip(ordered, counts):
         if c == 0:
             excluded.append((n.name, "not needed: the others hold every layer"))
             continue
-        output = i == out_idx
-        reserve, extra = _fixed_bytes(profile, n_ctx, head=n.is_head, output=output)
-        weights = sum(profile.layer_bytes[start : start + c])
+        reserve, extra = _fixed_bytes(profile, n_ctx, head=n.is_head, output=n.name == output_node)
         assignments.append(
             Assignment(
                 node=n.name,
@@ -397,7 +409,7 @@ def make_plan(
                 is_head=n.is_head,
                 start=start,
                 end=start + c,
-                weight_bytes=weights,
+                weight_bytes=sum(profile.layer_bytes[start : start + c]),
                 kv_bytes=profile.kv_bytes(n_ctx=n_ctx, n_layers=c),
                 reserve_bytes=reserve,
                 extra_bytes=extra,
@@ -411,9 +423,60 @@ def make_plan(
         n_layers=profile.n_layers,
         n_ctx=n_ctx,
         strategy=strategy,
-        output_node=ordered[out_idx].name,
+        output_node=output_node,
         excluded=tuple(excluded),
     )
+
+
+def replan_without(
+    previous: Plan,
+    *,
+    nodes: Sequence[NodeCapacity],
+    profile: ModelProfile,
+    n_ctx: int,
+) -> Plan | None:
+    """After losing nodes, the plan that moves the fewest layers: every survivor keeps its
+    range and the lost ranges go to their neighbours (the first survivor extends down to
+    layer 0, the last up to the output). None when nothing was lost, when it does not fit
+    the survivors' memory, or when the model or context changed: then plan afresh.
+
+    Why: each moved layer is weights sent over the network inside the stream gap; with a
+    stable assignment, the failover plan for any single node is known in advance, so its
+    layers can be staged on the survivors' disks before the failure (appliance.head.staging).
+    """
+    if previous.n_ctx != n_ctx or previous.n_layers != profile.n_layers:
+        return None
+    by_name = {n.name: n for n in nodes}
+    kept = [a for a in previous.assignments if a.node in by_name and a.endpoint == by_name[a.node].endpoint]
+    if not kept or len(kept) == len(previous.assignments):
+        return None
+    order = [by_name[a.node] for a in kept]
+    last = len(kept) - 1
+    caps = [_cap(n, profile, n_ctx, output=(i == last)) for i, n in enumerate(order)]
+    rooms = [float(_room(n, profile, n_ctx, output=(i == last))) for i, n in enumerate(order)]
+    counts = [a.n_layers for a in kept]
+    if any(c > cap for c, cap in zip(counts, caps)):
+        return None
+    # Gaps: below the first survivor, between survivors, above the last.
+    counts[0] += kept[0].start
+    counts[last] += profile.n_layers - kept[last].end
+    for i in range(last):
+        gap = kept[i + 1].start - kept[i].end
+        if gap == 0:
+            continue
+        left_free, right_free = caps[i] - counts[i], caps[i + 1] - counts[i + 1]
+        if left_free + right_free < gap:
+            return None
+        # Split by the room each side has left (the planner's own measure of fit).
+        share = rooms[i] / max(rooms[i] + rooms[i + 1], 1.0)
+        to_left = min(max(round(gap * share), gap - right_free), left_free)
+        counts[i] += to_left
+        counts[i + 1] += gap - to_left
+    if any(c > cap for c, cap in zip(counts, caps)) or sum(counts) != profile.n_layers:
+        return None
+    gone = [(a.node, "lost: its layers went to its neighbours") for a in previous.assignments if a not in kept]
+    return _assemble(order, counts, output_node=order[last].name, profile=profile, n_ctx=n_ctx,
+                     strategy=previous.strategy, excluded=gone)
 
 
 def needed_bytes(*, profile: ModelProfile, n_ctx: int, n_nodes: int) -> int:

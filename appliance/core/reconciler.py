@@ -36,7 +36,7 @@ from typing import Sequence
 
 from appliance.common.config import EngineTiming
 from appliance.common.kinds import RUNNING_ENGINE_STATES, EngineState
-from appliance.core.planner import NodeCapacity, Plan, PlanError, Strategy, make_plan
+from appliance.core.planner import NodeCapacity, Plan, PlanError, Strategy, make_plan, replan_without
 from appliance.core.profile import ModelProfile
 
 
@@ -124,13 +124,27 @@ class Adopt:
 Action = StartEngine | StopEngine | Wait | Adopt
 
 
-def _plan_for(
-    usable: Sequence[NodeView], *, profile: ModelProfile, n_ctx: int, head_memory: int, strategy: Strategy
-) -> Plan:
+def _capacities(usable: Sequence[NodeView], head_memory: int) -> list[NodeCapacity]:
     caps = [NodeCapacity(name=n.name, free_bytes=n.plannable_bytes, speed=n.speed, endpoint=n.endpoint) for n in usable]
     if head_memory > 0:
         caps.insert(0, NodeCapacity(name="head", free_bytes=head_memory, is_head=True))
-    return make_plan(nodes=caps, profile=profile, n_ctx=n_ctx, strategy=strategy)
+    return caps
+
+
+def _plan_for(
+    usable: Sequence[NodeView], *, profile: ModelProfile, n_ctx: int, head_memory: int, strategy: Strategy
+) -> Plan:
+    return make_plan(nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx, strategy=strategy)
+
+
+def failover_plan(
+    current: Plan, *, lost: str, nodes: Sequence[NodeView], profile: ModelProfile, n_ctx: int, head_memory: int = 0
+) -> Plan | None:
+    """The plan the cluster would move to if `lost` died now (the stable re-plan over the
+    rest of the current plan's nodes), or None if the survivors could not hold the model
+    that way. What the head pre-stages on the survivors' disks."""
+    survivors = [n for n in nodes if n.name != lost and n.name in {a.node for a in current.assignments}]
+    return replan_without(current, nodes=_capacities(survivors, head_memory), profile=profile, n_ctx=n_ctx)
 
 
 def desired_state(
@@ -161,6 +175,7 @@ def desired_state(
         n.name for n in nodes if n.state == "joining" and not n.cordoned and n.state_age_s < join_wait_s
     )
 
+    lost: list[str] = []
     if current is not None and not force_replan:
         in_plan = [a.node for a in current.rpc_assignments]
         lost = [
@@ -207,6 +222,12 @@ def desired_state(
             except PlanError as exc:
                 return Desired(plan=None, degraded=f"{why}; {exc}", no_workers=True)
         return Desired(plan=None, degraded=why, no_workers=True)
+    if current is not None and not force_replan and lost:
+        # A node was lost: move as few layers as possible (its layers go to its neighbours);
+        # nodes outside the old plan join later, at a growth re-plan.
+        stable = replan_without(current, nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx)
+        if stable is not None:
+            return Desired(plan=stable, considered=usable_names & (current_considered | {a.node for a in stable.assignments}))
     try:
         plan = _plan_for(usable, profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy)
     except PlanError as exc:

@@ -45,7 +45,6 @@ class Sequence:
     last: int = -1
     sampler: Any = None
     replay: tuple[int, ...] = ()  # tokens already sent before a restart
-    replay_idx: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -71,8 +70,10 @@ class Engine:
         self.queue: deque[Sequence] = deque()
         self.active: dict[str, Sequence] = {}
         self.free_slots = list(range(self.max_batch))
-        self.steps = 0
+        self.steps = 0  # decode steps (one llama_decode over every running sequence)
         self.tokens_out = 0
+        self.prefilled = 0  # tokens brought in by prefills (prompts, and resumed answers)
+        self.decodes = 0  # llama_decode calls, prefill chunks included
 
     # ---------------------------------------------------------------- load
     def load(self) -> None:
@@ -188,6 +189,7 @@ class Engine:
             b.logits[i] = 1 if want else 0
 
     def _decode(self) -> None:
+        self.decodes += 1
         rc = self.ll.llama_decode(self.ctx, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
@@ -210,10 +212,22 @@ class Engine:
             self._finish(seq, "context", done)
 
     def _prefill(self, seq: Sequence, emitted: list[tuple[str, int]], done: list[ep.Done]) -> None:
+        """Bring a new request into the batch: one batched pass (in N_BATCH chunks) over its
+        prompt and, when it resumes after an engine restart, the tokens already sent; then
+        sample its next token.
+
+        A resumed request costs one prefill, not a decode step per token already sent: a
+        stream that dies 1,000 tokens into an answer does not stall while they are replayed.
+        It continues exactly as it would have on the CPU backend built without llamafile's
+        sgemm (scripts/bootstrap.sh): ggml computes each position of a batch with the same
+        kernels, in the same order, as a decode step (docs/RECOVERY.md has the measurement).
+        The replayed tokens also go through the request's sampler chain, so its state (the
+        RNG, and any penalties or grammar) is where it was when the engine was lost.
+        """
         seq.slot = self.free_slots.pop(0)
         seq.sampler = self._make_sampler(seq.sampling)
         self.active[seq.rid] = seq
-        toks = seq.prompt
+        toks = seq.prompt + seq.replay
         for start in range(0, len(toks), N_BATCH):
             chunk = toks[start : start + N_BATCH]
             last_chunk = start + N_BATCH >= len(toks)
@@ -221,14 +235,10 @@ class Engine:
                 [(t, start + i, seq.slot, last_chunk and i == len(chunk) - 1) for i, t in enumerate(chunk)]
             )
             self._decode()
+        self.prefilled += len(toks)
         seq.n_past = len(toks)
-        if seq.replay:
-            # Resuming after an engine restart: re-decode the tokens already sent one per
-            # step, exactly as they were first computed (a prefill over them gives
-            # slightly different floats, and greedy output could drift).
-            seq.last = seq.replay[0]
-            seq.replay_idx = 1
-            return
+        for t in seq.replay:
+            self.ll.llama_sampler_accept(seq.sampler, t)
         tok = self.ll.llama_sampler_sample(seq.sampler, self.ctx, self.batch.n_tokens - 1)
         self._accept(seq, int(tok), emitted, done)
 
@@ -244,10 +254,6 @@ class Engine:
             self._decode()
             for i, s in enumerate(running):
                 s.n_past += 1
-                if s.replay_idx < len(s.replay):
-                    s.last = s.replay[s.replay_idx]
-                    s.replay_idx += 1
-                    continue
                 tok = self.ll.llama_sampler_sample(s.sampler, self.ctx, i)
                 self._accept(s, int(tok), emitted, done)
             self.steps += 1

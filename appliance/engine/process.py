@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         now = time.monotonic()
         if now - last_hb >= heartbeat_s:
             last_hb = now
-            send(ep.Heartbeat(active=len(eng.active), queued=len(eng.queue), steps=eng.steps, tokens=eng.tokens_out))
+            send(ep.Heartbeat(active=len(eng.active), queued=len(eng.queue), steps=eng.steps, tokens=eng.tokens_out,
+                              prefilled=eng.prefilled, decodes=eng.decodes))
 
 
 def main(argv: list[str] | None = None) -> int:

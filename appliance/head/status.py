@@ -113,7 +113,8 @@ def engine_status(engine: EngineProcess, *, requests_in_flight: int) -> EngineSt
         last_exit=engine.last_exit,
         last_recovery_s=round(engine.last_recovery_s, 3) if engine.last_recovery_s is not None else None,
         requests_in_flight=requests_in_flight,
-        stats=EngineStats(active=s.active, queued=s.queued, steps=s.steps, tokens=s.tokens),
+        stats=EngineStats(active=s.active, queued=s.queued, steps=s.steps, tokens=s.tokens, prefilled=s.prefilled,
+                          decodes=s.decodes),
     )
 
 

@@ -56,6 +56,7 @@ class WorkerAgent:
         self.devices: list[dict[str, Any]] = []
         self.rpc_protocol = "unknown"
         self.llama_version = ""
+        self.llamafile = False
         self.speed = cfg.speed or 1.0
         self.speed_source = "configured"
         self.welcomed = False
@@ -69,6 +70,7 @@ class WorkerAgent:
 
         self.rpc_protocol = ggml.rpc_protocol_version()
         self.llama_version = ggml.llama_cpp_version()
+        self.llamafile = ggml.uses_llamafile_sgemm()
         devices = ggml.local_devices()
         self.devices = [d.to_dict() for d in devices]
         if not self.cfg.speed:
@@ -119,6 +121,7 @@ class WorkerAgent:
             "rpc_protocol": self.rpc_protocol,
             "version": __version__,
             "llama_cpp": self.llama_version,
+            "llamafile": self.llamafile,
             "rpc_port": self.cfg.rpc_port,
             "rpc_host": self.cfg.rpc_host,
             "rpc_ready": self.rpc.ready,
