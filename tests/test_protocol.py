@@ -16,7 +16,8 @@ def test_roundtrip() -> None:
     "frames, why",
     [
         pytest.param([b"garbage"], "expected 3 frames", id="one-frame"),
-        pytest.param([P.PROTOCOL, P.HELLO, b"{}", b"extra"], "expected 3 frames", id="four-frames"),
+        pytest.param([P.PROTOCOL, P.HELLO, b"{}", b"extra"], "HELLO with 4 frames", id="four-frames"),
+        pytest.param([P.PROTOCOL, P.HELLO, b"{}", b"a", b"b"], "expected 3 frames", id="five-frames"),
         pytest.param([b"HTTP/1.1", P.HELLO, b"{}"], "unknown protocol", id="wrong-protocol"),
         pytest.param([b"ANYWAY/0", P.HELLO, b"{}"], "version mismatch", id="old-protocol"),
         pytest.param([P.PROTOCOL, b"LAUNCH_MISSILES", b"{}"], "unknown message type", id="unknown-type"),
@@ -30,3 +31,15 @@ def test_roundtrip() -> None:
 def test_bad_frames(frames: list[bytes], why: str) -> None:
     with pytest.raises(P.BadFrame, match=why):
         P.decode(frames, allowed=P.WORKER_TYPES)
+
+
+def test_a_chunk_carries_its_bytes_and_nothing_else_may() -> None:
+    frames = P.encode(P.CHUNK, {"hash": "00ff", "offset": 0}, payload=b"\x00" * 1000)
+    msg = P.decode(frames, allowed=P.HEAD_TYPES)
+    assert msg.type == P.CHUNK and msg.payload == b"\x00" * 1000
+    with pytest.raises(P.BadFrame, match="CHUNK with 3 frames"):
+        P.decode(frames[:3], allowed=P.HEAD_TYPES)
+    with pytest.raises(P.BadFrame, match="payload too large"):
+        P.decode([*frames[:3], b"x" * (P.MAX_PAYLOAD_BYTES + 1)], allowed=P.HEAD_TYPES)
+    with pytest.raises(P.BadFrame, match="unknown message type"):
+        P.decode(frames, allowed=P.WORKER_TYPES)  # a worker never sends chunks

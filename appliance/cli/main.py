@@ -289,6 +289,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir or str(cache_dir() / "rpc-cache" / name),
         threads=args.threads,
         max_memory_bytes=_bytes_arg(str(args.max_memory)) if args.max_memory else 0,
+        cache_quota_bytes=_bytes_arg(str(args.cache_quota)) if args.cache_quota else 0,
+        staging_rate_bytes_s=_bytes_arg(str(args.staging_rate)),
         speed=args.speed,
         rpc_advertise=args.rpc_advertise or "",
         device=args.device,
@@ -460,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", help="tensor cache directory")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--max-memory", default="", help="cap the memory offered to the cluster")
+    s.add_argument("--cache-quota", default="", help="disk the tensor cache may use, e.g. 20G (default: 9/10 of free)")
+    s.add_argument("--staging-rate", default="40M",
+                   help="bytes/s at most for pre-staging failover tensors from the head (0: off)")
     s.add_argument("--speed", type=float, default=0.0, help="speed to report (default: measured at start-up)")
     s.add_argument("--rpc-advertise", help="HOST:PORT the head should use to reach the RPC server (NAT, proxy)")
     s.add_argument("--device", default="auto", help="device to serve: auto (first GPU, else CPU), cpu, gpu, or a ggml index/name")

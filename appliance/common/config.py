@@ -148,6 +148,10 @@ class WorkerTiming:
     """First wait before restarting a crashed RPC server; doubles per crash."""
     RPC_BACKOFF_MAX_S: float = 10.0
     """Longest wait before restarting a crashing RPC server."""
+    STAGE_CHUNK_TIMEOUT_S: float = 10.0
+    """A pre-staging request the head has not answered in this long is given up (and retried later)."""
+    CACHE_CHECK_INTERVAL_S: float = 5.0
+    """How often the tensor cache is brought back under its quota (the RPC server writes to it too)."""
 
 
 GROUPS = ("heartbeat", "recovery", "engine", "worker")

@@ -1,13 +1,15 @@
 """Control-plane wire protocol between worker agents (DEALER) and the head (ROUTER).
 
-Every message is three frames: [PROTOCOL, TYPE, JSON body]. The ROUTER side sees the
-sender's routing id as an extra first frame. Anything else (wrong frame count, unknown
-protocol or type, a body that is not a JSON object or is too large) is rejected by
-`decode` with `BadFrame`; callers log it and drop it, never crash.
+Every message is three frames: [PROTOCOL, TYPE, JSON body], and CHUNK a fourth with its
+bytes. The ROUTER side sees the sender's routing id as an extra first frame. Anything else
+(wrong frame count, unknown protocol or type, a body that is not a JSON object or is too
+large) is rejected by `decode` with `BadFrame`; callers log it and drop it, never crash.
 
-Worker -> head: HELLO (announce), HEARTBEAT (liveness + load), RPC_READY, BYE.
+Worker -> head: HELLO (announce), HEARTBEAT (liveness + load + tensor cache), RPC_READY,
+BYE, FETCH (send me a piece of a tensor I am to pre-stage).
 Head -> worker: WELCOME (accepted: where to bind the RPC server), REFUSE (with reason),
-HEARTBEAT, REANNOUNCE (head does not know you: say HELLO again, e.g. after a head restart).
+HEARTBEAT, REANNOUNCE (head does not know you: say HELLO again, e.g. after a head restart),
+STAGE (the tensors to keep and to pre-stage in the RPC server's cache), CHUNK (a piece).
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ BYE = b"BYE"
 WELCOME = b"WELCOME"
 REFUSE = b"REFUSE"
 REANNOUNCE = b"REANNOUNCE"
+STAGE = b"STAGE"
+FETCH = b"FETCH"
+CHUNK = b"CHUNK"
 
-WORKER_TYPES = frozenset({HELLO, HEARTBEAT, RPC_READY, BYE})
-HEAD_TYPES = frozenset({WELCOME, REFUSE, HEARTBEAT, REANNOUNCE})
-MAX_BODY_BYTES = 64 * 1024
+WORKER_TYPES = frozenset({HELLO, HEARTBEAT, RPC_READY, BYE, FETCH})
+HEAD_TYPES = frozenset({WELCOME, REFUSE, HEARTBEAT, REANNOUNCE, STAGE, CHUNK})
+PAYLOAD_TYPES = frozenset({CHUNK})  # carry a fourth frame of raw bytes
+MAX_BODY_BYTES = 256 * 1024  # a STAGE list of a large model's tensors fits
+MAX_PAYLOAD_BYTES = 512 * 1024  # one CHUNK
 
 
 class BadFrame(ValueError):
@@ -45,16 +52,19 @@ class BadFrame(ValueError):
 class Message:
     type: bytes
     body: dict[str, Any]
+    payload: bytes | None = None
 
 
-def encode(msg_type: bytes, body: dict[str, Any] | None = None) -> list[bytes]:
-    return [PROTOCOL, msg_type, json.dumps(body or {}, separators=(",", ":")).encode()]
+def encode(msg_type: bytes, body: dict[str, Any] | None = None, *, payload: bytes | None = None) -> list[bytes]:
+    frames = [PROTOCOL, msg_type, json.dumps(body or {}, separators=(",", ":")).encode()]
+    return frames + [payload] if payload is not None else frames
 
 
 def decode(frames: list[bytes], *, allowed: frozenset[bytes]) -> Message:
-    if len(frames) != 3:
+    if len(frames) not in (3, 4):
         raise BadFrame(f"expected 3 frames, got {len(frames)}")
-    proto, msg_type, raw = frames
+    proto, msg_type, raw = frames[:3]
+    payload = frames[3] if len(frames) == 4 else None
     if proto != PROTOCOL:
         shown = proto[:32]
         if proto.startswith(b"ANYWAY/"):
@@ -62,6 +72,10 @@ def decode(frames: list[bytes], *, allowed: frozenset[bytes]) -> Message:
         raise BadFrame(f"unknown protocol {shown!r}")
     if msg_type not in allowed:
         raise BadFrame(f"unknown message type {msg_type[:32]!r}")
+    if (payload is not None) != (msg_type in PAYLOAD_TYPES):
+        raise BadFrame(f"{msg_type.decode(errors='replace')} with {len(frames)} frames")
+    if payload is not None and len(payload) > MAX_PAYLOAD_BYTES:
+        raise BadFrame(f"payload too large ({len(payload)} bytes)")
     if len(raw) > MAX_BODY_BYTES:
         raise BadFrame(f"body too large ({len(raw)} bytes)")
     try:
@@ -72,4 +86,4 @@ def decode(frames: list[bytes], *, allowed: frozenset[bytes]) -> Message:
         raise BadFrame("body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadFrame("body is not a JSON object")
-    return Message(msg_type, body)
+    return Message(msg_type, body, payload)

@@ -31,6 +31,8 @@ __all__ = [
     "HealthState",
     "ModelStatus",
     "NodeActionResult",
+    "NodeCache",
+    "NodeFailover",
     "NodeLoad",
     "NodeMemory",
     "NodeState",
@@ -84,6 +86,26 @@ class NodeLoad(_Model):
     gpu_mem_percent: float | None = None
 
 
+class NodeCache(_Model):
+    """The worker's tensor cache (ggml's RPC cache directory) and its pre-staging."""
+
+    used_bytes: int = 0
+    quota_bytes: int = 0
+    missing_count: int = 0  # tensors it is to pre-stage and does not have yet
+    missing_bytes: int = 0
+    blocked: str = ""  # why staging cannot go on (e.g. the quota is full of tensors it needs)
+
+
+class NodeFailover(_Model):
+    """What losing this node would cost the survivors, for the plan the engine runs."""
+
+    possible: bool = False  # a stable re-plan exists (only the node's layers move)
+    bytes: int = 0  # weights the survivors would receive
+    cacheable_bytes: int = 0  # of which ggml looks up in their caches (tensors over 10 MiB)
+    staged_bytes: int = 0  # of which are already on their disks
+    staged: bool = False  # all of them: the failover sends no cacheable weights
+
+
 class NodeStatus(_Model):
     name: str
     address: str = ""
@@ -106,6 +128,8 @@ class NodeStatus(_Model):
     speed: float = 0.0
     joined_at: float = 0.0
     reason: str = ""
+    cache: NodeCache | None = None
+    failover: NodeFailover | None = None
 
 
 class AssignmentStatus(_Model):

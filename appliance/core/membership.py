@@ -24,6 +24,7 @@ again: the settle time doubles per death in the last FLAP_WINDOW_S.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ class Node:
     deaths: list[float] = field(default_factory=list)
     reason: str = ""
     memory_history: list[tuple[float, int]] = field(default_factory=list)
+    cache: dict[str, Any] = field(default_factory=dict)  # its tensor cache, as last reported
 
     @property
     def rpc_endpoint(self) -> str:
@@ -86,6 +88,25 @@ def _finite(v: Any) -> bool:
 def _count(v: Any) -> int | None:
     """A non-negative integer (bytes, an index) from the wire, or None."""
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+_HASH = re.compile(r"^[0-9a-f]{16}$")
+MAX_MISSING_SHOWN = 256
+
+
+def _cache_report(c: dict[str, Any]) -> dict[str, Any]:
+    """A worker's tensor-cache report, keeping only well-typed, bounded fields."""
+    missing = c.get("missing")
+    return {
+        "used_bytes": _count(c.get("used_bytes")) or 0,
+        "quota_bytes": _count(c.get("quota_bytes")) or 0,
+        "version": _count(c.get("version")) or 0,
+        "missing": [h for h in missing[:MAX_MISSING_SHOWN] if isinstance(h, str) and _HASH.match(h)]
+        if isinstance(missing, list) else [],
+        "missing_count": _count(c.get("missing_count")) or 0,
+        "missing_bytes": _count(c.get("missing_bytes")) or 0,
+        "blocked": str(c.get("blocked") or "")[:200],
+    }
 
 
 def _device(d: Any) -> dict[str, Any] | None:
@@ -262,6 +283,9 @@ class Membership:
         load = body.get("load")
         if isinstance(load, dict):
             node.load = {k: float(v) for k in LOAD_FIELDS if _finite(v := load.get(k)) and v >= 0}
+        cache = body.get("cache")
+        if isinstance(cache, dict):
+            node.cache = _cache_report(cache)
 
     def heartbeat(self, *, identity: bytes, body: dict[str, Any], now: float) -> tuple[Node | None, list[Event]]:
         name = self.by_identity.get(identity)

@@ -453,7 +453,11 @@ def replan_without(
     order = [by_name[a.node] for a in kept]
     last = len(kept) - 1
     caps = [_cap(n, profile, n_ctx, output=(i == last)) for i, n in enumerate(order)]
-    rooms = [float(_room(n, profile, n_ctx, output=(i == last))) for i, n in enumerate(order)]
+    # Where a gap is split depends only on the previous plan (the memory each node had when
+    # it was made), not on free memory now: the failover plan the head pre-stages for is
+    # then exactly the plan it moves to, however free memory jittered in between.
+    recorded = [NodeCapacity(name=a.node, free_bytes=a.free_bytes, is_head=a.is_head) for a in kept]
+    rooms = [float(_room(n, profile, n_ctx, output=(i == last))) for i, n in enumerate(recorded)]
     counts = [a.n_layers for a in kept]
     if any(c > cap for c, cap in zip(counts, caps)):
         return None

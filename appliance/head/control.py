@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import zmq
 import zmq.asyncio
@@ -24,6 +24,8 @@ from appliance.common.keys import HeadKeys
 from appliance.core.membership import Event, Membership, Refusal
 
 log = logs.get("head.control")
+
+MAX_FETCHES_IN_FLIGHT = 32  # across all workers; each asks for a few pieces at a time
 
 
 class _Auth(AsyncioAuthenticator):
@@ -59,6 +61,7 @@ class ControlServer:
         on_events: Callable[[list[Event]], None],
         on_bad_frame: Callable[[str], None],
         on_disconnect: Callable[[], None] | None = None,
+        on_fetch: Callable[[str, dict[str, Any]], Awaitable[tuple[dict[str, Any], bytes] | None]] | None = None,
     ) -> None:
         self.bind = bind
         self.keys = keys
@@ -68,6 +71,8 @@ class ControlServer:
         self.on_events = on_events
         self.on_bad_frame = on_bad_frame
         self.on_disconnect = on_disconnect
+        self.on_fetch = on_fetch
+        self._fetches: set[asyncio.Task[None]] = set()
         self.ctx = zmq.asyncio.Context.instance()
         self.auth: _Auth | None = None
         self.sock: zmq.asyncio.Socket | None = None
@@ -158,10 +163,12 @@ class ControlServer:
             log.warning("bad_frame_dropped", peer=ident[:16].hex(), reason=why, count=n)
             self.on_events([Event(EventKind.BAD_FRAME, "", f"dropped {n} malformed control frame(s); last: {why[:200]}")])
 
-    async def send(self, identity: bytes, msg_type: bytes, body: dict[str, Any] | None = None) -> None:
+    async def send(
+        self, identity: bytes, msg_type: bytes, body: dict[str, Any] | None = None, *, payload: bytes | None = None
+    ) -> None:
         assert self.sock is not None
         try:
-            await self.sock.send_multipart([identity, *protocol.encode(msg_type, body)], zmq.NOBLOCK)
+            await self.sock.send_multipart([identity, *protocol.encode(msg_type, body, payload=payload)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("send_failed", error=str(exc))
 
@@ -227,6 +234,29 @@ class ControlServer:
                 await self.send(ident, protocol.REANNOUNCE, {"reason": "unknown node"})
         elif msg.type == protocol.BYE:
             self.on_events(m.bye(identity=ident, now=now))
+        elif msg.type == protocol.FETCH:
+            name = m.by_identity.get(ident)
+            if name is None or self.on_fetch is None:
+                self._bad("FETCH from a node that is not a member", ident)
+            elif len(self._fetches) >= MAX_FETCHES_IN_FLIGHT:
+                self._bad("too many FETCH requests in flight", ident)
+            else:  # read the model file off the receive loop; the worker paces its requests
+                task = asyncio.create_task(self._serve_fetch(ident, name, msg.body))
+                self._fetches.add(task)
+                task.add_done_callback(self._fetches.discard)
+
+    async def _serve_fetch(self, ident: bytes, name: str, body: dict[str, Any]) -> None:
+        assert self.on_fetch is not None
+        try:
+            answer = await self.on_fetch(name, body)
+        except OSError as exc:
+            log.warning("fetch_failed", node=name, error=str(exc))
+            return
+        if answer is None:
+            self._bad(f"FETCH of a tensor {name} is not to stage: {str(body)[:100]}", ident)
+            return
+        head, payload = answer
+        await self.send(ident, protocol.CHUNK, head, payload=payload)
 
     async def heartbeat_loop(self) -> None:
         while True:

@@ -8,6 +8,7 @@ operator sees about nodes, plans and the engine is assembled here, into the mode
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 from appliance import __version__
 from appliance.common.kinds import HealthState, Liveness, NodeState
@@ -20,6 +21,8 @@ from appliance.common.status import (
     Excluded,
     Health,
     ModelStatus,
+    NodeCache,
+    NodeFailover,
     NodeLoad,
     NodeMemory,
     NodeStatus,
@@ -67,7 +70,9 @@ def plan_status(plan: Plan | None) -> PlanStatus | None:
     )
 
 
-def _node_status(n: Node, *, state: NodeState, plan: Plan | None, now: float) -> NodeStatus:
+def _node_status(
+    n: Node, *, state: NodeState, plan: Plan | None, now: float, failover: dict[str, Any] | None = None
+) -> NodeStatus:
     a = next((x for x in plan.assignments if x.node == n.name), None) if plan else None
     refused = n.state == Liveness.REFUSED
     return NodeStatus(
@@ -93,6 +98,8 @@ def _node_status(n: Node, *, state: NodeState, plan: Plan | None, now: float) ->
         speed=n.speed,
         joined_at=n.wall_joined_at,
         reason=n.reason,
+        cache=NodeCache.model_validate(n.cache) if n.cache else None,
+        failover=NodeFailover.model_validate(failover) if failover else None,
     )
 
 
@@ -148,11 +155,12 @@ def cluster_status(
     requests_in_flight: int,
     events_last_id: int,
     started_at: float,
+    failover: Callable[[str], dict[str, Any] | None] = lambda name: None,
 ) -> ClusterStatus:
     now = time.monotonic()
     plan = engine.plan if engine.plan is not None else desired_plan
     nodes = [
-        _node_status(n, state=display_state(n, loaded=engine.plan), plan=plan, now=now)
+        _node_status(n, state=display_state(n, loaded=engine.plan), plan=plan, now=now, failover=failover(n.name))
         for n in membership.nodes.values()
     ]
     nodes += [_node_status(r, state=NodeState.REFUSED, plan=None, now=now) for r in membership.refused.values()]

@@ -45,6 +45,7 @@ from appliance.head.events import EventLog
 from appliance.head.metrics import Metrics
 from appliance.head.probe import RpcProber
 from appliance.head.requests import RequestRouter
+from appliance.head.staging import StagingService
 from appliance.head.tasks import TaskSpec, TaskSupervisor
 from appliance.head.text import Tokenizer
 
@@ -101,6 +102,13 @@ class Head:
             on_events=self._on_events,
             plans=lambda: (self.engine.plan, self.desired.plan),
         )
+        self.staging = StagingService(
+            model_path=cfg.model_path,
+            profile=self.profile,
+            membership=self.membership,
+            n_ctx=cfg.n_ctx * cfg.max_batch,
+            head_memory=cfg.head_memory_bytes,
+        )
         self.control = ControlServer(
             bind=cfg.control_bind,
             keys=keys,
@@ -110,6 +118,7 @@ class Head:
             on_events=self._on_events,
             on_bad_frame=lambda why: self.metrics.bad_frames.inc(),
             on_disconnect=self.prober.trigger,
+            on_fetch=self.staging.fetch,
         )
         self.model_status = status_view.model_status(self.profile, model_id=self.model_id)
         self.desired: Desired = Desired(plan=None, hold="starting")
@@ -180,6 +189,7 @@ class Head:
                     TaskSpec("engine-recv", self.engine.recv_loop),
                     TaskSpec("reconcile", self.reconcile_loop),
                     TaskSpec("rpc-probe", self.prober.loop),
+                    TaskSpec("staging", self.staging_loop),
                     TaskSpec("api", api.serve, restart=False),
                 ],
                 stop=self.stop_event,
@@ -191,6 +201,7 @@ class Head:
             for t in list(self._tasks):
                 t.cancel()
             self.control.close()
+            self.staging.close()
 
     # ------------------------------------------------------ stabilization
     def node_views(self) -> list[NodeView]:
@@ -305,6 +316,16 @@ class Head:
                 self.events.add(kind, wait.reason)
         self._last_wait = wait.reason
 
+    async def staging_loop(self) -> None:
+        """Keep every worker told what to hold and pre-stage for the plan the engine runs."""
+        if self.staging.tensors is None:
+            await self.staging.prepare()
+        while True:
+            running = self.engine.plan if self.engine.state in (EngineState.LOADING, EngineState.SERVING) else None
+            for ident, body in self.staging.update(running, self.node_views()):
+                await self.control.send(ident, protocol.STAGE, body)
+            await asyncio.sleep(self.timing.recovery.RECONCILE_INTERVAL_S)
+
     async def reconcile_loop(self) -> None:
         while True:
             try:
@@ -367,6 +388,7 @@ class Head:
             requests_in_flight=len(self.router.requests),
             events_last_id=self.events.last_id,
             started_at=self.started_at,
+            failover=self.staging.node_status,
         )
 
     def node_state(self, name: str) -> NodeState:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import re
 import signal
 import socket
 import time
@@ -31,10 +32,13 @@ from appliance import __version__
 from appliance.common import logs, protocol
 from appliance.common.keys import WorkerKeys
 from appliance.common.process import die_with_parent
+from appliance.worker.cache import TensorCache, Wanted
 from appliance.worker.config import WorkerConfig
 from appliance.worker.rpc_child import RpcChild
 
 log = logs.get("worker")
+
+STAGING_WINDOW = 4  # pieces of a tensor asked for at once
 
 
 def local_addresses() -> set[str]:
@@ -63,6 +67,12 @@ class WorkerAgent:
         self.stopping = asyncio.Event()
         self.refusal = ""
         self._rpc_task: asyncio.Task[None] | None = None
+        self.cache = TensorCache(cfg.cache_dir, quota_bytes=cfg.cache_quota_bytes) if cfg.cache_dir else None
+        self._sock: zmq.asyncio.Socket | None = None  # the session's socket, while there is one
+        self._chunks: dict[tuple[str, int], asyncio.Future[bytes]] = {}
+        self._stage_wake = asyncio.Event()
+        self._staging_task: asyncio.Task[None] | None = None
+        self._last_cache_check = 0.0
         psutil.cpu_percent(interval=None)
 
     def _probe_devices(self) -> None:
@@ -147,6 +157,8 @@ class WorkerAgent:
 
     async def run(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._probe_devices)
+        if self.cache is not None:
+            self._staging_task = asyncio.create_task(self._staging_loop(), name="staging")
         t = self.cfg.timing.heartbeat
         backoff = t.RECONNECT_BACKOFF_MIN_S
         log.info("worker_starting", name=self.cfg.name, head=self.cfg.head, rpc_port=self.cfg.rpc_port)
@@ -169,8 +181,18 @@ class WorkerAgent:
 
     async def _session(self, sock: zmq.asyncio.Socket) -> bool:
         """One connection to the head; returns when the head goes silent. True if it ever answered."""
-        t = self.cfg.timing.heartbeat
         await sock.send_multipart(protocol.encode(protocol.HELLO, self.hello_body()))
+        self._sock = sock
+        try:
+            return await self._converse(sock)
+        finally:
+            self._sock = None
+            for fut in self._chunks.values():
+                fut.cancel()
+            self._chunks.clear()
+
+    async def _converse(self, sock: zmq.asyncio.Socket) -> bool:
+        t = self.cfg.timing.heartbeat
         last_heard = time.monotonic()
         heard_any = False
         next_hb = time.monotonic()
@@ -206,6 +228,8 @@ class WorkerAgent:
                         "memory": self.memory(),
                         "load": self.load(),
                     }
+                    if self.cache is not None:
+                        body["cache"] = await self._cache_report(now)
                     await sock.send_multipart(protocol.encode(protocol.HEARTBEAT, body))
             if now - last_heard > t.HEAD_SILENCE_S:
                 if heard_any:
@@ -267,9 +291,119 @@ class WorkerAgent:
         elif msg.type == protocol.REANNOUNCE:
             log.info("head_asks_reannounce")
             await sock.send_multipart(protocol.encode(protocol.HELLO, self.hello_body()))
+        elif msg.type == protocol.STAGE:
+            self._on_stage(msg.body)
+        elif msg.type == protocol.CHUNK:
+            key = (str(msg.body.get("hash")), msg.body.get("offset"))
+            fut = self._chunks.get(key)  # type: ignore[arg-type]
+            if fut is not None and not fut.done() and msg.payload is not None:
+                fut.set_result(msg.payload)
+
+    # ------------------------------------------------------------ staging
+    def _on_stage(self, body: dict[str, Any]) -> None:
+        """The head's lists: tensors to keep (`need`) and to pre-stage (`want`)."""
+        if self.cache is None:
+            return
+        version, need, want = body.get("version"), body.get("need"), body.get("want")
+        ok_hash = re.compile(r"^[0-9a-f]{16}$").match
+        if (
+            not isinstance(version, int)
+            or not isinstance(need, list)
+            or not isinstance(want, list)
+            or not all(isinstance(h, str) and ok_hash(h) for h in need)
+            or not all(
+                isinstance(w, list) and len(w) == 2 and isinstance(w[0], str) and ok_hash(w[0])
+                and isinstance(w[1], int) and 0 < w[1] < 1 << 40
+                for w in want
+            )
+        ):
+            log.warning("bad_stage_list_dropped")
+            return
+        self.cache.set_lists(version=version, need=frozenset(need), want=tuple(Wanted(h, s) for h, s in want))
+        log.info("stage_list", version=version, need=len(need), want=len(want))
+        self._stage_wake.set()
+
+    async def _cache_report(self, now: float) -> dict[str, Any]:
+        assert self.cache is not None
+        loop = asyncio.get_running_loop()
+        if now - self._last_cache_check > self.cfg.timing.worker.CACHE_CHECK_INTERVAL_S:
+            self._last_cache_check = now
+            await loop.run_in_executor(None, self.cache.make_room)
+        report = await loop.run_in_executor(None, self.cache.report)
+        return dict(report.__dict__)
+
+    async def _staging_loop(self) -> None:
+        """Fetch, one tensor at a time and at the configured pace, what the head wants staged."""
+        assert self.cache is not None
+        cache = self.cache
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stage_wake.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._stage_wake.clear()
+            while self.welcomed and self._sock is not None and self.cfg.staging_rate_bytes_s > 0:
+                missing = await loop.run_in_executor(None, cache.missing)
+                if not missing:
+                    break
+                w = missing[0]
+                if not await loop.run_in_executor(None, cache.make_room, w.size):
+                    cache.blocked = "the cache quota is full of tensors this node needs or wants"
+                    break
+                if not await self._fetch(w):
+                    break  # the head went away or did not answer: try again later
+
+    async def _fetch(self, w: Wanted) -> bool:
+        assert self.cache is not None
+        sock, loop = self._sock, asyncio.get_running_loop()
+        if sock is None:
+            return False
+        piece, window = protocol.MAX_PAYLOAD_BYTES, STAGING_WINDOW
+        part = self.cache.begin(w)
+        t0, done = time.monotonic(), 0
+        try:
+            with open(part, "wb") as fh:
+                for first in range(0, w.size, piece * window):
+                    offsets = list(range(first, min(first + piece * window, w.size), piece))
+                    futs = []
+                    for off in offsets:
+                        fut: asyncio.Future[bytes] = loop.create_future()
+                        self._chunks[(w.hash, off)] = fut
+                        futs.append(fut)
+                        body = {"hash": w.hash, "offset": off, "length": min(piece, w.size - off)}
+                        await sock.send_multipart(protocol.encode(protocol.FETCH, body))
+                    try:
+                        pieces = await asyncio.wait_for(
+                            asyncio.gather(*futs), timeout=self.cfg.timing.worker.STAGE_CHUNK_TIMEOUT_S
+                        )
+                    except (asyncio.TimeoutError, asyncio.CancelledError):
+                        return False
+                    finally:
+                        for off in offsets:
+                            self._chunks.pop((w.hash, off), None)
+                    for off, data in zip(offsets, pieces):
+                        if len(data) != min(piece, w.size - off):
+                            return False
+                        fh.seek(off)
+                        fh.write(data)
+                    done += sum(len(d) for d in pieces)
+                    if self._sock is not sock or w.hash not in self.cache.pinned:
+                        return False  # reconnected, or the head no longer wants it
+                    ahead = t0 + done / self.cfg.staging_rate_bytes_s - time.monotonic()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)  # low priority: at most the configured rate
+            ok = await loop.run_in_executor(None, self.cache.commit, w, part)
+            if ok:
+                log.info("tensor_staged", hash=w.hash, bytes=w.size, s=round(time.monotonic() - t0, 2))
+            return ok
+        finally:
+            part.unlink(missing_ok=True)
 
     async def shutdown(self) -> None:
         self.stopping.set()
+        if self._staging_task is not None:
+            self._staging_task.cancel()
         await self.rpc.stop()
 
 

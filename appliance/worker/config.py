@@ -29,4 +29,8 @@ class WorkerConfig:
     """HOST:PORT the head dials instead (NAT, port forward, proxy)."""
     device: str = "auto"
     """Which ggml device the RPC server exposes: auto, cpu, gpu, or an index/name."""
+    cache_quota_bytes: int = 0
+    """Disk the tensor cache may use (0: nine tenths of what is free when the worker starts)."""
+    staging_rate_bytes_s: int = 40 * 1024 * 1024
+    """Pre-staging pulls tensors from the head at most this fast (0: no pre-staging)."""
     timing: Timing = field(default_factory=Timing)
