@@ -110,7 +110,10 @@ def fake_cluster(*, variant: str = "serving") -> dict[str, Any]:
     if variant == "loading":
         nodes[2]["state"] = "suspect"
         nodes[2]["heartbeat_age_s"] = 2.6
-        engine.update(state="loading", progress=0.42, generation=5)
+        engine.update(state="loading", progress=0.42, generation=5, load=[
+            {"node": "attic-pc", "bytes": 1650 * MiB, "total_bytes": 2000 * MiB, "bytes_per_s": 61 * MiB},
+            {"node": "laptop", "bytes": 420 * MiB, "total_bytes": 1430 * MiB, "bytes_per_s": 58 * MiB},
+        ])
         health = {"status": "recovering", "reason": "engine loading the model (42%)"}
         throughput = {"tokens_per_s": 0.0, "requests_in_flight": 1}
     return {

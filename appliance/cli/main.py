@@ -163,8 +163,8 @@ def _parse_node(spec: str) -> Any:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from appliance.core.planner import NodeCapacity, fmt_bytes, make_plan
     from appliance.common.modelfile import load_profile
+    from appliance.core.planner import NodeCapacity, fmt_bytes, make_plan, moved_bytes, replan_without
 
     prof = load_profile(args.model)
     nodes = [_parse_node(s) for s in args.node]
@@ -187,6 +187,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for name, why in plan.excluded:
         print(f"{name:<12} (not used: {why})")
     print(f"tensor_split={plan.tensor_split} n_gpu_layers={plan.n_gpu_layers} output on {plan.output_node}")
+    print("if a node is lost (its layers go to its neighbours; the workers pre-stage them):")
+    for a in plan.rpc_assignments:
+        after = replan_without(plan, nodes=[n for n in nodes if n.name != a.node], profile=prof, n_ctx=plan.n_ctx)
+        moves = f"{fmt_bytes(moved_bytes(plan, after, prof))} of weights move" if after else "a fresh plan is needed"
+        print(f"  {a.node:<12} {moves}")
     return 0
 
 
@@ -347,15 +352,24 @@ def format_status(s: "ClusterStatus") -> str:
         f"model:   {s.model.id}  {s.model.n_layers} layers  "
         f"engine {eng.state.value} #{eng.generation}  restarts {eng.restarts}",
         f"load:    {s.throughput.tokens_per_s} tok/s, {s.throughput.requests_in_flight} request(s) in flight",
+    ]
+    if eng.state.value in ("starting", "loading"):
+        for p in eng.load:
+            lines.append(f"loading: {p.node:<14} {fmt_bytes(p.bytes):>10} of {fmt_bytes(p.total_bytes):>10} "
+                         f"at {fmt_bytes(p.bytes_per_s)}/s")
+    lines += [
         "",
-        f"{'NODE':<14} {'STATE':<10} {'ADDRESS':<22} {'HB AGE':>7} {'LAYERS':<9} {'FREE':>10} {'PLANNED':>10}  VERSION",
+        f"{'NODE':<14} {'STATE':<10} {'ADDRESS':<22} {'HB AGE':>7} {'LAYERS':<9} {'FREE':>10} {'PLANNED':>10}"
+        f" {'IF LOST':>16}  VERSION",
     ]
     for n in s.nodes:
         layers = f"{n.layers[0]}-{n.layers[1] - 1}" if n.layers else "-"
+        f = n.failover
+        lost = "-" if f is None else (fmt_bytes(f.bytes) + (" staged" if f.staged else "") if f.possible else "re-plan")
         lines.append(
             f"{n.name:<14} {n.state.value:<10} {str(n.rpc_endpoint or n.address):<22} "
             f"{n.heartbeat_age_s:>6.1f}s {layers:<9} {fmt_bytes(n.memory.free_bytes):>10} "
-            f"{fmt_bytes(n.memory.planned_bytes):>10}  {n.versions.package or '?'}"
+            f"{fmt_bytes(n.memory.planned_bytes):>10} {lost:>16}  {n.versions.package or '?'}"
             + (f"  ({n.reason})" if n.reason else "")
         )
     return "\n".join(lines)

@@ -29,6 +29,7 @@ __all__ = [
     "Health",
     "HealthResponse",
     "HealthState",
+    "LoadProgress",
     "ModelStatus",
     "NodeActionResult",
     "NodeCache",
@@ -83,6 +84,7 @@ class NodeLoad(_Model):
     ram_percent: float | None = None
     loadavg_1m: float | None = None
     rpc_rss_bytes: float | None = None
+    rpc_read_bytes: float | None = None  # read by its RPC server since it started (network and cache)
     gpu_mem_percent: float | None = None
 
 
@@ -175,6 +177,15 @@ class EngineStats(_Model):
     decodes: int = 0
 
 
+class LoadProgress(_Model):
+    """One worker's share of the engine's model load, measured at the worker."""
+
+    node: str
+    bytes: int = 0  # read by its RPC server since this load began (network and cache)
+    total_bytes: int = 0  # the weights it is to hold
+    bytes_per_s: float = 0.0
+
+
 class EngineStatus(_Model):
     state: EngineState
     generation: int = 0
@@ -191,6 +202,8 @@ class EngineStatus(_Model):
     last_recovery_s: float | None = None
     requests_in_flight: int = 0
     stats: EngineStats = Field(default_factory=EngineStats)
+    load: list[LoadProgress] = Field(default_factory=list)
+    """Per worker, while the engine starts or loads (and the last load's figures after)."""
 
 
 class Throughput(_Model):

@@ -78,7 +78,7 @@ class Node:
 
 
 MAX_DEVICES = 16
-LOAD_FIELDS = ("cpu_percent", "ram_percent", "loadavg_1m", "rpc_rss_bytes", "gpu_mem_percent")
+LOAD_FIELDS = ("cpu_percent", "ram_percent", "loadavg_1m", "rpc_rss_bytes", "rpc_read_bytes", "gpu_mem_percent")
 
 
 def _finite(v: Any) -> bool:

@@ -483,6 +483,15 @@ def replan_without(
                      strategy=previous.strategy, excluded=gone)
 
 
+def moved_bytes(before: Plan, after: Plan, profile: ModelProfile) -> int:
+    """Weights that change node between two plans: what a re-plan sends over the network."""
+    owner = {i: a.node for a in before.assignments for i in range(a.start, a.end)}
+    moved = sum(
+        profile.layer_bytes[i] for a in after.assignments for i in range(a.start, a.end) if owner.get(i) != a.node
+    )
+    return moved + (profile.output_bytes if after.output_node != before.output_node else 0)
+
+
 def needed_bytes(*, profile: ModelProfile, n_ctx: int, n_nodes: int) -> int:
     """Total memory the model needs on `n_nodes` devices (each pays its reserve)."""
     reserves = sum(

@@ -20,6 +20,7 @@ from appliance.common.status import (
     EngineStatus,
     Excluded,
     Health,
+    LoadProgress,
     ModelStatus,
     NodeCache,
     NodeFailover,
@@ -103,7 +104,7 @@ def _node_status(
     )
 
 
-def engine_status(engine: EngineProcess, *, requests_in_flight: int) -> EngineStatus:
+def engine_status(engine: EngineProcess, *, requests_in_flight: int, load: list[LoadProgress] | None = None) -> EngineStatus:
     ready = engine.ready
     s = engine.stats
     return EngineStatus(
@@ -122,6 +123,7 @@ def engine_status(engine: EngineProcess, *, requests_in_flight: int) -> EngineSt
         requests_in_flight=requests_in_flight,
         stats=EngineStats(active=s.active, queued=s.queued, steps=s.steps, tokens=s.tokens, prefilled=s.prefilled,
                           decodes=s.decodes),
+        load=load or [],
     )
 
 
@@ -156,6 +158,7 @@ def cluster_status(
     events_last_id: int,
     started_at: float,
     failover: Callable[[str], dict[str, Any] | None] = lambda name: None,
+    load: list[LoadProgress] | None = None,
 ) -> ClusterStatus:
     now = time.monotonic()
     plan = engine.plan if engine.plan is not None else desired_plan
@@ -172,7 +175,7 @@ def cluster_status(
         nodes=nodes,
         plan=plan_status(plan),
         desired_plan=plan_status(desired_plan),
-        engine=engine_status(engine, requests_in_flight=requests_in_flight),
+        engine=engine_status(engine, requests_in_flight=requests_in_flight, load=load),
         throughput=Throughput(tokens_per_s=round(tokens_per_s, 2), requests_in_flight=requests_in_flight),
         events_last_id=events_last_id,
         uptime_s=round(time.time() - started_at, 1),

@@ -42,6 +42,7 @@ from appliance.head.config import HeadConfig
 from appliance.head.control import ControlServer
 from appliance.head.engine_process import EngineProcess
 from appliance.head.events import EventLog
+from appliance.head.loadmeter import LoadMeter
 from appliance.head.metrics import Metrics
 from appliance.head.probe import RpcProber
 from appliance.head.requests import RequestRouter
@@ -126,6 +127,7 @@ class Head:
         self._last_wait = ""
         self._growth_since: float | None = None
         self._tok_window: deque[tuple[float, int]] = deque()
+        self.load_meter = LoadMeter()
         self.started_at = time.time()
         self.stop_event = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -292,6 +294,7 @@ class Head:
                     self.metrics.replans.inc()
                     layout = ", ".join(f"{a.node}:{a.start}-{a.end - 1}" for a in action.plan.assignments if a.n_layers)
                     self.events.add(EventKind.REPLAN, f"plan over {len(action.plan.rpc_assignments)} worker(s): {layout}")
+                self.load_meter.start(action.plan, self.membership.nodes, now)
                 await self.engine.start(action.plan, action.considered)
             elif isinstance(action, Adopt):
                 self.engine.considered = action.considered
@@ -299,6 +302,8 @@ class Head:
                 self._note_wait(action)
         if not any(isinstance(a, Wait) for a in actions):
             self._last_wait = ""
+        if self.engine.state in (EngineState.STARTING, EngineState.LOADING):
+            self.load_meter.sample(self.membership.nodes, now)
         self._update_gauges()
 
     def _note_wait(self, wait: Wait) -> None:
@@ -389,6 +394,7 @@ class Head:
             events_last_id=self.events.last_id,
             started_at=self.started_at,
             failover=self.staging.node_status,
+            load=self.load_meter.progress(),
         )
 
     def node_state(self, name: str) -> NodeState:

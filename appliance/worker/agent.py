@@ -117,6 +117,9 @@ class WorkerAgent:
             pass
         if self.rpc.proc is not None and self.rpc.proc.returncode is None:
             out["rpc_rss_bytes"] = self.rpc.rss()
+            read = self.rpc.read_bytes()
+            if read is not None:
+                out["rpc_read_bytes"] = read  # what its server received and read from its cache
         gpus = [d for d in self.devices if d.get("type") in ("gpu", "igpu")]
         if gpus and gpus[0].get("total_bytes"):
             out["gpu_mem_percent"] = round(100 * (1 - gpus[0]["free_bytes"] / gpus[0]["total_bytes"]), 1)

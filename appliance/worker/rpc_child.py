@@ -52,6 +52,16 @@ class RpcChild:
         except psutil.Error:
             return 0
 
+    def read_bytes(self) -> int | None:
+        """Bytes the server process has read (sockets and files: weights from the network or
+        from its cache) since it started; the head derives load progress and speed from it."""
+        if self.proc is None or self.proc.returncode is not None:
+            return None
+        try:
+            return int(psutil.Process(self.proc.pid).io_counters().read_chars)
+        except (psutil.Error, AttributeError):
+            return None
+
     async def ensure(self, endpoint: str) -> bool:
         """Make the server run on `endpoint`; True once it accepts connections."""
         if self.endpoint != endpoint and self.proc is not None:

@@ -1,8 +1,9 @@
 """Engine and health at a glance: serving / loading (with a progress bar) / recovering / degraded.
 
 One line names the model and the engine's state; while the engine loads, a progress
-bar follows the head's `engine.progress`; when the cluster is not healthy its reason
-(or the engine's last error) is shown underneath, in the health's colour.
+bar follows the head's `engine.progress`, and a line shows what each worker has received
+so far and how fast; when the cluster is not healthy its reason (or the engine's last
+error) is shown underneath, in the health's colour.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from textual.widgets import Label, ProgressBar, Static
 from appliance.common.kinds import EngineState, HealthState
 from appliance.common.status import ClusterStatus
 
-from ..format import ENGINE_STATE_STYLE, HEALTH_STYLE, fmt_age
+from ..format import ENGINE_STATE_STYLE, HEALTH_STYLE, fmt_age, fmt_bytes
 
 LOADING_STATES = frozenset({EngineState.STARTING, EngineState.LOADING})
 
@@ -28,10 +29,12 @@ class EngineStatus(Vertical):
         with Horizontal(id="engine-loading"):
             yield Label("loading ", id="engine-loading-label")
             yield ProgressBar(total=100, show_eta=False, id="engine-progress")
+        yield Static(id="engine-load-nodes")
         yield Static(id="engine-reason")
 
     def on_mount(self) -> None:
         self.query_one("#engine-loading").display = False
+        self.query_one("#engine-load-nodes").display = False
         self.query_one("#engine-reason").display = False
 
     def show_cluster(self, cluster: ClusterStatus | None) -> None:
@@ -60,8 +63,17 @@ class EngineStatus(Vertical):
         line.update(text)
 
         loading.display = state in LOADING_STATES
+        per_node = self.query_one("#engine-load-nodes", Static)
+        per_node.display = loading.display and bool(engine.load)
         if loading.display:
             self.query_one("#engine-progress", ProgressBar).update(progress=round(engine.progress * 100, 1))
+        if per_node.display:
+            parts = Text(no_wrap=True, overflow="ellipsis")
+            for i, p in enumerate(engine.load):
+                parts.append("  " if i else "", style="dim")
+                parts.append(p.node, style="bold")
+                parts.append(f" {fmt_bytes(p.bytes)}/{fmt_bytes(p.total_bytes)} {fmt_bytes(p.bytes_per_s)}/s", style="dim")
+            per_node.update(parts)
         healthy = status == HealthState.OK
         reason = health.reason or ("" if healthy else engine.last_error)
         if state == EngineState.FAILED and engine.last_error:
