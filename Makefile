@@ -7,7 +7,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.anyway-ready
 ARGS   ?=
 
-.PHONY: run test setup lint clean bench bench-recovery image
+.PHONY: run test setup lint clean bench bench-recovery bench-scale image
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/bootstrap.sh
@@ -32,6 +32,10 @@ bench: $(VENV)/.anyway-bench
 # Recovery from a killed worker (detection, re-plan, stream gap, cold vs cached load)
 bench-recovery: $(STAMP)
 	$(VENV)/bin/python -m bench.recovery $(ARGS)
+
+# GB-class models over a shaped LAN (network namespaces + tc tbf; as root): docs/SCALE.md
+bench-scale: $(VENV)/.anyway-bench
+	$(VENV)/bin/python -m bench.scale $(ARGS)
 
 clean:
 	-bash images/build.sh clean

@@ -29,6 +29,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--load-only", action="store_true", help="time the model load (weights to the workers) and exit")
     args = p.parse_args()
 
     from llama_cpp import Llama
@@ -41,7 +42,11 @@ def main() -> int:
 
         ggml.register_rpc_servers(args.rpc.split(","))
         kw.update(n_gpu_layers=args.n_gpu_layers, tensor_split=[float(x) for x in args.split.split(",")])
+    t_load = time.perf_counter()
     llm = Llama(args.model, **kw)
+    if args.load_only:
+        print(json.dumps({"load_s": time.perf_counter() - t_load}))
+        return 0
     prompt = long_prompt()
     runs = []
     for _ in range(args.reps):

@@ -182,8 +182,10 @@ def identity_stack(*, base: Path, out: Path, extra_layers: int, extra_ffn: int =
 
 
 def random_model(*, tokenizer_from: Path, out: Path, layers: int, embd: int = 4096, ffn: int = 11008,
-                 heads: int = 32, kv_heads: int = 8, qtype: str = "Q8_0", seed: int = 0, ctx: int = 4096) -> Path:
-    """A llama model of the given shape with random weights and `tokenizer_from`'s tokenizer."""
+                 heads: int = 32, kv_heads: int = 8, qtype: str = "Q8_0", seed: int = 0, ctx: int = 4096,
+                 arch: str = "llama") -> Path:
+    """A model of the given shape with random weights and `tokenizer_from`'s tokenizer; `arch`
+    is llama, or qwen2 (the same tensors, another graph: NeoX-style rotary embeddings)."""
     reader = gguf.GGUFReader(str(tokenizer_from), "r")
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     rng = np.random.default_rng(seed)
@@ -198,19 +200,19 @@ def random_model(*, tokenizer_from: Path, out: Path, layers: int, embd: int = 40
     kv = [(k, v, t, s) for k, v, t, s in _fields(reader, skip=set()) if k.startswith("tokenizer.")]
     u32, f32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
     kv += [
-        ("general.name", f"random llama {layers}L {embd}d ffn {ffn} {qtype} seed {seed}", gguf.GGUFValueType.STRING, None),
-        ("llama.block_count", layers, u32, None),
-        ("llama.context_length", ctx, u32, None),
-        ("llama.embedding_length", embd, u32, None),
-        ("llama.feed_forward_length", ffn, u32, None),
-        ("llama.attention.head_count", heads, u32, None),
-        ("llama.attention.head_count_kv", kv_heads, u32, None),
-        ("llama.rope.dimension_count", embd // heads, u32, None),
-        ("llama.attention.layer_norm_rms_epsilon", 1e-5, f32, None),
-        ("llama.rope.freq_base", 10000.0, f32, None),
+        ("general.name", f"random {arch} {layers}L {embd}d ffn {ffn} {qtype} seed {seed}", gguf.GGUFValueType.STRING, None),
+        (f"{arch}.block_count", layers, u32, None),
+        (f"{arch}.context_length", ctx, u32, None),
+        (f"{arch}.embedding_length", embd, u32, None),
+        (f"{arch}.feed_forward_length", ffn, u32, None),
+        (f"{arch}.attention.head_count", heads, u32, None),
+        (f"{arch}.attention.head_count_kv", kv_heads, u32, None),
+        (f"{arch}.rope.dimension_count", embd // heads, u32, None),
+        (f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, f32, None),
+        (f"{arch}.rope.freq_base", 10000.0, f32, None),
         ("general.file_type", 7 if qtype == "Q8_0" else 2, u32, None),
     ]
-    return _write(out, arch="llama", kv=iter(kv), tensors=tensors, copied=[])
+    return _write(out, arch=arch, kv=iter(kv), tensors=tensors, copied=[])
 
 
 def layers_for(size: int, per_layer: int, fixed: int) -> int:
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--ffn", type=int, default=11008)
             s.add_argument("--heads", type=int, default=32)
             s.add_argument("--kv-heads", type=int, default=8)
+            s.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     a = p.parse_args(argv)
     from appliance.common.modelfile import fetch_demo
 
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed = 2 * _quant_bytes(vocab * a.embd, a.quant)
         n = a.layers or layers_for(parse_size(a.size or "1G"), per, fixed)
         random_model(tokenizer_from=base, out=a.out, layers=n, embd=a.embd, ffn=a.ffn, heads=a.heads,
-                     kv_heads=a.kv_heads, qtype=a.quant, seed=a.seed)
+                     kv_heads=a.kv_heads, qtype=a.quant, seed=a.seed, arch=a.arch)
     print(f"{a.out}: {a.out.stat().st_size / 1e9:.2f} GB", file=sys.stderr)
     return 0
 

@@ -193,3 +193,23 @@ def test_a_worker_back_within_a_second_costs_one_reload_not_two(make_cluster, de
                timeout_s=60, what="w2 back in the plan")
     finally:
         test_over.set()
+
+
+@pytest.mark.slow
+def test_reload_keeps_the_layout_unless_asked_to_replan(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """A reload restarts the engine on the same layout (the workers' caches hold its tensors);
+    `?replan=true` plans afresh from the nodes' free memory now."""
+    c = make_cluster(tiny_model, workers=2)
+    s = c.wait_serving(nodes=2)
+    layout = [(a["node"], a["start"], a["end"]) for a in s["plan"]["assignments"]]
+    gen = s["engine"]["generation"]
+    assert httpx.post(f"{c.url}/v1/reload", timeout=10).json() == {"status": "reloading"}
+    s = c.wait(lambda x: x["engine"]["generation"] > gen and x["health"]["status"] == "ok", timeout_s=60, what="reloaded")
+    assert [(a["node"], a["start"], a["end"]) for a in s["plan"]["assignments"]] == layout
+    kinds = [e["message"] for e in httpx.get(f"{c.url}/v1/events").json()["events"] if e["kind"] == "reload"]
+    assert kinds and "same layout" in kinds[-1]
+    gen = s["engine"]["generation"]
+    httpx.post(f"{c.url}/v1/reload", params={"replan": "true"}, timeout=10)
+    c.wait(lambda x: x["engine"]["generation"] > gen and x["health"]["status"] == "ok", timeout_s=60, what="re-planned")
+    kinds = [e["message"] for e in httpx.get(f"{c.url}/v1/events").json()["events"] if e["kind"] == "reload"]
+    assert "fresh plan" in kinds[-1]

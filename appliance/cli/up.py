@@ -104,7 +104,7 @@ class LocalCluster:
         self.wrappers[name] = wrapper or []
         return proc
 
-    def start_head(self, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def start_head(self, extra: list[str] | None = None, *, wrapper: list[str] | None = None) -> subprocess.Popen[bytes]:
         return self.spawn(
             "head",
             [
@@ -130,6 +130,7 @@ class LocalCluster:
                 *self.hb,
                 *(extra or []),
             ],
+            wrapper=wrapper,
         )
 
     def start_worker(

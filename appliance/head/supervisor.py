@@ -326,7 +326,8 @@ class Head:
         if self.staging.tensors is None:
             await self.staging.prepare()
         while True:
-            running = self.engine.plan if self.engine.state in (EngineState.LOADING, EngineState.SERVING) else None
+            # Only while serving: a load needs the head's link to itself.
+            running = self.engine.plan if self.engine.state == EngineState.SERVING else None
             for ident, body in self.staging.update(running, self.node_views()):
                 await self.control.send(ident, protocol.STAGE, body)
             await asyncio.sleep(self.timing.recovery.RECONCILE_INTERVAL_S)
@@ -425,7 +426,10 @@ class Head:
         self.events.add(EventKind.UNCORDON, f"{name} uncordoned: it can hold layers again", node=name)
         return self.node_state(name)
 
-    def reload(self) -> None:
-        self._force_replan = True
-        self.events.add(EventKind.RELOAD, "model reload requested by the operator")
+    def reload(self, *, replan: bool = False) -> None:
+        """Restart the engine: with the same layout (its workers' caches make that quick), or
+        with `replan`, a fresh plan from the nodes' free memory now."""
+        self._force_replan = replan
+        what = "with a fresh plan" if replan else "with the same layout"
+        self.events.add(EventKind.RELOAD, f"model reload requested by the operator ({what})")
         self._spawn(self.engine.stop("reload requested"), name="reload")

@@ -59,6 +59,6 @@ async def uncordon(name: str, head: Head = Depends(get_head)) -> NodeActionResul
 
 
 @router.post("/v1/reload", response_model=ReloadResult)
-async def reload(head: Head = Depends(get_head)) -> ReloadResult:
-    head.reload()
+async def reload(replan: bool = False, head: Head = Depends(get_head)) -> ReloadResult:
+    head.reload(replan=replan)
     return ReloadResult(status="reloading")

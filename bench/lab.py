@@ -1,0 +1,112 @@
+"""The LAN lab: the head and each worker in its own network namespace on one bridge, every
+link shaped with `tc tbf`, so weights and activations really cross rate-limited links.
+
+    with LanLab(workers=3, rate="1gbit") as lab:
+        c = lab.cluster(model, state_dir=...)      # head + `anyway worker`s, as users start them
+        lab.tx_bytes("w1")                          # bytes the bridge sent to w1 so far
+
+Each member's veth is shaped in both directions (its uploads on its own end, its downloads
+on the bridge's end), like a box on a switch port. The bench itself stays in the root
+namespace and reaches every member through the bridge's address. netem does not exist on
+this machine's kernel, so there is no added latency: the links are as fast as the rate lets
+them be (a switched office LAN is well under a millisecond anyway). Needs root.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from appliance.cli.up import LocalCluster, free_port
+
+SUBNET = "10.79.0"
+BRIDGE_IP = f"{SUBNET}.254"
+
+
+def _run(*args: str) -> None:
+    subprocess.run(list(args), check=True, capture_output=True)
+
+
+class LanLab:
+    def __init__(self, *, workers: int, rate: str = "1gbit", tag: str | None = None) -> None:
+        self.workers, self.rate = workers, rate
+        self.tag = tag or f"awl{os.getpid() % 10000}"
+        self.bridge = f"{self.tag}br"
+        self.members = ["head", *(f"w{k}" for k in range(1, workers + 1))]
+        self._made: list[str] = []
+
+    # ------------------------------------------------------------ topology
+    def ns(self, member: str) -> str:
+        return f"{self.tag}-{member}"
+
+    def port(self, member: str) -> str:
+        return f"{self.tag}{member}b"  # the bridge's end of the member's cable (root namespace)
+
+    def ip(self, member: str) -> str:
+        return f"{SUBNET}.1" if member == "head" else f"{SUBNET}.{10 + int(member[1:])}"
+
+    def wrapper(self, member: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(member)]
+
+    def __enter__(self) -> "LanLab":
+        try:
+            _run("ip", "link", "add", self.bridge, "type", "bridge")
+            self._made.append("bridge")
+            _run("ip", "addr", "add", f"{BRIDGE_IP}/24", "dev", self.bridge)
+            _run("ip", "link", "set", self.bridge, "up")
+            for m in self.members:
+                ns, inner, outer = self.ns(m), f"{self.tag}{m}a", self.port(m)
+                _run("ip", "netns", "add", ns)
+                self._made.append(m)
+                _run("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
+                _run("ip", "link", "set", inner, "netns", ns)
+                _run("ip", "link", "set", outer, "master", self.bridge)
+                _run("ip", "link", "set", outer, "up")
+                _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.ip(m)}/24", "dev", inner)
+                _run("ip", "netns", "exec", ns, "ip", "link", "set", inner, "up")
+                _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+                tbf = ["root", "tbf", "rate", self.rate, "burst", "512kb", "latency", "20ms"]
+                _run("tc", "qdisc", "add", "dev", outer, *tbf)  # to the member
+                _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", inner, *tbf)  # from the member
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for m in self.members:
+            subprocess.run(["ip", "link", "del", self.port(m)], capture_output=True)
+            subprocess.run(["ip", "netns", "del", self.ns(m)], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+    # ------------------------------------------------------------ counters
+    def tx_bytes(self, member: str) -> int:
+        """Bytes the bridge has sent down `member`'s link (what it received)."""
+        return int(Path(f"/sys/class/net/{self.port(member)}/statistics/tx_bytes").read_text())
+
+    def rx_bytes(self, member: str) -> int:
+        """Bytes `member` has sent up its link."""
+        return int(Path(f"/sys/class/net/{self.port(member)}/statistics/rx_bytes").read_text())
+
+    # ------------------------------------------------------------ the appliance in it
+    def cluster(self, model: Path, *, state_dir: Path, n_ctx: int = 2048, max_batch: int = 2,
+                strategy: str = "memory", heartbeat_interval: float | None = None,
+                head_args: list[str] | None = None, worker_args: list[str] | None = None) -> LocalCluster:
+        """A head and the lab's workers, started as users start them (`anyway head/worker`)."""
+        c = LocalCluster(model=model, state_dir=state_dir, api_host=self.ip("head"), api_port=free_port(),
+                         n_ctx=n_ctx, max_batch=max_batch, strategy=strategy, heartbeat_interval=heartbeat_interval,
+                         control_bind_host=self.ip("head"))
+        c.control = f"tcp://{self.ip('head')}:{c.control_port}"
+        c.start_head(head_args, wrapper=self.wrapper("head"))
+        for k in range(1, self.workers + 1):
+            self.start_worker(c, f"w{k}", extra=worker_args)
+        return c
+
+    def start_worker(self, c: LocalCluster, name: str, *, extra: list[str] | None = None) -> None:
+        c.start_worker(name, extra=["--rpc-host", self.ip(name), "--rpc-port", str(50052), *(extra or [])],
+                       wrapper=self.wrapper(name))
