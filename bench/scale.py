@@ -92,6 +92,12 @@ def planned(s: dict[str, Any]) -> list[str]:
     return [n["name"] for n in s["nodes"] if n["layers"]]
 
 
+def heaviest(s: dict[str, Any]) -> str:
+    """The planned node whose loss would move the most cacheable weights (the worst failover)."""
+    nodes = [n for n in s["nodes"] if n["layers"]]
+    return max(nodes, key=lambda n: (n["failover"] or {}).get("cacheable_bytes", 0))["name"]
+
+
 def serving_on(n: int) -> Callable[[dict[str, Any]], bool]:
     return lambda s: s["health"]["status"] == "ok" and len(planned(s)) == n
 
@@ -244,7 +250,7 @@ def bench_model(size: str, model: Path, lab: LanLab, tmp: Path, args: argparse.N
         s = wait(c, lambda x: serving_on(WORKERS)(x) and staged(x), "the head back, staged")
 
         # Re-plan after a SIGKILL on an idle cluster, the failover pre-staged.
-        victim = planned(s)[1]
+        victim = heaviest(s)
         would_move = next(n for n in s["nodes"] if n["name"] == victim)["failover"]
         last_event = s["events_last_id"]
         before = link_bytes(lab)
@@ -282,7 +288,7 @@ def bench_model(size: str, model: Path, lab: LanLab, tmp: Path, args: argparse.N
         for kill_after, prompt, max_tokens in scenarios:
             text_prompt = long_prompt(args.prompt_tokens) if prompt == "PROMPT" else prompt
             s0 = state(c)
-            victim = planned(s0)[1]
+            victim = heaviest(s0)
             r = stream(c, model_id, prompt=text_prompt, max_tokens=max_tokens, kill_after=kill_after,
                        fault=lambda v=victim: kill_tree(c, v, signal.SIGKILL))
             r["phases"] = phases(events(c, s0["events_last_id"]), r["fault_at"])
@@ -300,7 +306,7 @@ def bench_model(size: str, model: Path, lab: LanLab, tmp: Path, args: argparse.N
 
         # A hung box.
         s0 = state(c)
-        victim = planned(s0)[1]
+        victim = heaviest(s0)
         r = stream(c, model_id, prompt=STORY, max_tokens=20 + args.after, kill_after=20,
                    fault=lambda v=victim: kill_tree(c, v, signal.SIGSTOP))
         kill_tree(c, victim, signal.SIGCONT)
