@@ -177,12 +177,12 @@ class _Run:
         matcher = StopMatcher(self.stops)
         gen = head.router.generate(self.params, degraded=head.degraded_reason)
         try:
-            async for tok in gen:
+            async for s in gen:
                 if self.count == 0:
                     head.metrics.ttft.observe(time.monotonic() - self.t0)
                 self.count += 1
                 head.metrics.tokens.inc()
-                text = matcher.push(detok.push(tok))
+                text = matcher.push(detok.push(s.token))
                 if text:
                     yield text
                 if matcher.hit:
