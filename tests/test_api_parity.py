@@ -20,6 +20,7 @@ import httpx
 import jsonschema
 import psutil
 import pytest
+from helpers import engine_pid, served_model
 from openai import OpenAI
 
 from appliance.cli.up import LocalCluster
@@ -59,7 +60,7 @@ def cluster(make_module_cluster: Any, tiny_model: Path) -> LocalCluster:
 
 @pytest.fixture(scope="module")
 def model_id(cluster: LocalCluster) -> str:
-    return str(httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"])
+    return served_model(cluster.url)
 
 
 @pytest.fixture(scope="module")
@@ -398,13 +399,6 @@ def test_batched_requests_with_different_settings_stay_independent(client: OpenA
 
 
 # ------------------------------------------------------------------- resume
-def engine_pid(c: LocalCluster) -> int:
-    head = psutil.Process(c.procs["head"].pid)
-    engines = [p for p in head.children() if "appliance.engine" in " ".join(p.cmdline())]
-    assert len(engines) == 1
-    return engines[0].pid
-
-
 def test_resume_mid_stream_keeps_the_grammar_and_the_sampler_state(cluster: LocalCluster, client: OpenAI,
                                                                    model_id: str) -> None:
     """The engine is killed mid-stream; the resumed request keeps its grammar (the output is

@@ -56,7 +56,7 @@ def test_native_templates_render_tools_calls_and_results(tok: Tokenizer, name: s
     caps = tl.TemplateCaps.detect(t)
     assert caps == tl.TemplateCaps(tools=True, tool_calls=True, tool_responses=True, format=fmt)
     for choice, fn in (("required", None), ("function", "get_time"), ("auto", None)):
-        plan = tl.plan(HISTORY, tl.ToolRequest(functions=(WEATHER, TIME), choice=choice, name=fn), caps)
+        plan = tl.plan(HISTORY, req=tl.ToolRequest(functions=(WEATHER, TIME), choice=choice, name=fn), caps=caps)
         text = t.format_chat(plan.messages, tools=plan.template_tools).text
         assert "The weather in a city" in text  # the tools, described by the template itself
         assert "Paris" in text and "21 degrees and sunny" in text  # the earlier call and its result
@@ -69,13 +69,13 @@ def test_native_templates_render_tools_calls_and_results(tok: Tokenizer, name: s
 def test_a_template_without_tools_gets_them_in_the_system_message(tok: Tokenizer) -> None:
     caps = tl.TemplateCaps.detect(tok.chat)  # SmolLM2's: it ignores `tools`
     assert caps.format is tl.ToolFormat.GENERIC and not caps.tools
-    plan = tl.plan(HISTORY, tl.ToolRequest(functions=(WEATHER,), choice="auto"), caps)
+    plan = tl.plan(HISTORY, req=tl.ToolRequest(functions=(WEATHER,), choice="auto"), caps=caps)
     text = tok.format_chat(plan.messages, tools=plan.template_tools).text
     assert "The weather in a city" in text and "`tool_calls`" in text
     assert '"tool_call": {"name": "get_weather"' in text  # the earlier call, as the model would write it
     assert "21 degrees and sunny" in text
     assert tok.check_grammar(plan.grammar)
-    none = tl.plan(HISTORY, tl.ToolRequest(functions=(WEATHER,), choice="none"), caps)
+    none = tl.plan(HISTORY, req=tl.ToolRequest(functions=(WEATHER,), choice="none"), caps=caps)
     assert none.grammar == "" and not none.parse and "The weather in a city" not in tok.format_chat(none.messages).text
 
 

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
+from helpers import served_model
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
@@ -49,7 +49,7 @@ def cluster(make_module_cluster: Any, demo_model: Path) -> LocalCluster:
 
 @pytest.fixture(scope="module")
 def model_id(cluster: LocalCluster) -> str:
-    return str(httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"])
+    return served_model(cluster.url)
 
 
 @pytest.fixture(scope="module")

@@ -264,7 +264,7 @@ def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, An
     return [{"role": "system", "content": text}, *messages]
 
 
-def plan(messages: list[dict[str, Any]], req: ToolRequest | None, caps: TemplateCaps) -> ToolPlan:
+def plan(messages: list[dict[str, Any]], *, req: ToolRequest | None, caps: TemplateCaps) -> ToolPlan:
     """Messages for the template, the grammar and the parsing for one request's tools."""
     history = _history(messages, caps)
     if req is None or req.choice == "none" or not req.functions:
@@ -543,6 +543,17 @@ class ToolParser:
         self._obj = None
         return True
 
+    def _array_char(self, ch: str) -> bool:
+        """One character of an array of call objects; True when the array closed."""
+        if self._obj is not None:
+            self._feed_call(ch)
+        elif ch == "{":
+            self._start_call()
+            self._feed_call(ch)
+        elif ch == "]":
+            return True
+        return False
+
     # ------------------------------------------------------------- input
     def feed(self, text: str) -> list[Event]:
         self._out = []
@@ -598,19 +609,12 @@ class ToolParser:
                     return
                 self._state = "text"
             elif self._state == "array":  # mistral: [ call, call ]
-                i = 0
-                while i < len(text):
-                    ch = text[i]
-                    i += 1
-                    if self._obj is not None:
-                        self._feed_call(ch)
-                    elif ch == "{":
-                        self._start_call()
-                        self._feed_call(ch)
-                    elif ch == "]":
-                        self._state = "text"
+                for i, ch in enumerate(text):
+                    if self._array_char(ch):
+                        self._state, text = "text", text[i + 1:]
                         break
-                text = text[i:]
+                else:
+                    text = ""
 
     def _feed_llama3(self, text: str) -> None:
         """Llama 3.x: the whole output is one JSON call (maybe after `<|python_tag|>`), or text."""
@@ -677,11 +681,5 @@ class ToolParser:
                         self._feed_call(ch)
                 elif self._feed_call(ch):
                     self._state = "rest"
-            elif st == "array":
-                if self._obj is not None:
-                    self._feed_call(ch)
-                elif ch == "{":
-                    self._start_call()
-                    self._feed_call(ch)
-                elif ch == "]":
-                    self._state = "rest"
+            elif st == "array" and self._array_char(ch):
+                self._state = "rest"

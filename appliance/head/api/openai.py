@@ -638,7 +638,7 @@ def _format_grammar(req: _GenRequest) -> str:
         raise _schema_error(exc, param) from None
 
 
-def _check_grammar(head: Head, grammar: str, param: str) -> None:
+def _check_grammar(head: Head, grammar: str, *, param: str) -> None:
     if grammar and not head.tokenizer.check_grammar(grammar):
         raise ApiError(400, f"llama.cpp refused the grammar made for '{param}' (too large or too complex)",
                        param=param, code="unsupported_schema")
@@ -756,11 +756,11 @@ async def chat(req: ChatRequest, head: Head = Depends(get_head)) -> Response:
                        param="response_format", code="invalid_value")
     caps = template_caps(head.tokenizer)
     try:
-        plan = tl.plan(_messages(req), tool_req, caps)
+        plan = tl.plan(_messages(req), req=tool_req, caps=caps)
     except SchemaError as exc:
         raise _schema_error(exc, "tools") from None
     grammar = plan.grammar or fmt_grammar
-    _check_grammar(head, grammar, "tools" if plan.grammar else "response_format")
+    _check_grammar(head, grammar, param="tools" if plan.grammar else "response_format")
     try:
         prompt = head.tokenizer.format_chat(plan.messages, tools=plan.template_tools)
     except TemplateError as exc:
@@ -809,7 +809,7 @@ async def completions(req: CompletionRequest, head: Head = Depends(get_head)) ->
         if any(t < 0 or t >= head.profile.vocab_size for t in tokens):
             raise ApiError(400, f"token ids must be in [0, {head.profile.vocab_size})", param="prompt", code="invalid_value")
     grammar = _format_grammar(req)
-    _check_grammar(head, grammar, "response_format")
+    _check_grammar(head, grammar, param="response_format")
     budget = _budget(head, len(tokens), req.max_tokens, "max_tokens")
     out = _Output(logprobs=req.logprobs is not None)
     choices = [
