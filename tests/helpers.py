@@ -1,4 +1,5 @@
-"""Test helpers: a small model derived from the demo model, and polling with a deadline."""
+"""Test helpers: a small model derived from the demo model, polling with a deadline, and
+what tests ask a running cluster (its model id, its engine process)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import gguf
+import httpx
 import numpy as np
+import psutil
 
 T = TypeVar("T")
 
@@ -75,3 +78,16 @@ def derive_model(src: Path, dst: Path, *, n_layers: int) -> Path:
     writer.close()
     os.replace(tmp, dst)
     return dst
+
+
+def served_model(url: str) -> str:
+    """The model id a head at `url` serves."""
+    return str(httpx.get(f"{url}/v1/models").json()["data"][0]["id"])
+
+
+def engine_pid(cluster: Any) -> int:
+    """The pid of the engine process of a running `LocalCluster`'s head."""
+    head = psutil.Process(cluster.procs["head"].pid)
+    engines = [p for p in head.children() if "appliance.engine" in " ".join(p.cmdline())]
+    assert len(engines) == 1
+    return engines[0].pid

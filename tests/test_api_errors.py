@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from appliance import __version__
+from appliance.common import engine_protocol as ep
 from appliance.common.config import Timing
 from appliance.head.api.app import build_app
 from appliance.head.metrics import Metrics
@@ -32,9 +33,9 @@ class RejectingRouter:
     def __init__(self, exc: Exception, before: int) -> None:
         self.exc, self.before = exc, before
 
-    async def generate(self, params: GenParams, *, degraded: Any) -> AsyncIterator[int]:
+    async def generate(self, params: GenParams, *, degraded: Any) -> AsyncIterator[ep.Sampled]:
         for _ in range(self.before):
-            yield params.prompt[-1]
+            yield ep.Sampled("r", params.prompt[-1])
         raise self.exc
 
 

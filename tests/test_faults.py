@@ -20,6 +20,7 @@ from typing import Any, Callable
 import httpx
 import psutil
 import pytest
+from helpers import engine_pid, served_model
 from openai import OpenAI
 
 from appliance.cli.up import LocalCluster
@@ -45,14 +46,10 @@ def expected(reference, demo_model: Path) -> str:  # type: ignore[no-untyped-def
     return text
 
 
-def model_id(url: str) -> str:
-    return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-
-
 def stream_with_fault(url: str, fault: Callable[[], None]) -> tuple[str, str]:
     c = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=180)
     stream = c.chat.completions.create(
-        model=model_id(url), messages=MESSAGES, max_tokens=N_TOKENS, temperature=0, stream=True
+        model=served_model(url), messages=MESSAGES, max_tokens=N_TOKENS, temperature=0, stream=True
     )
     parts, finish = [], ""
     for i, chunk in enumerate(stream):
@@ -75,13 +72,6 @@ def node_state(state: dict[str, Any], name: str) -> str:
 def worker_tree(c: LocalCluster, name: str) -> list[psutil.Process]:
     agent = psutil.Process(c.procs[name].pid)
     return [agent, *agent.children(recursive=True)]
-
-
-def engine_pid(c: LocalCluster) -> int:
-    head = psutil.Process(c.procs["head"].pid)
-    engines = [p for p in head.children() if "appliance.engine" in " ".join(p.cmdline())]
-    assert len(engines) == 1
-    return engines[0].pid
 
 
 def test_sigkill_worker_mid_stream(cluster: LocalCluster, expected: str) -> None:
@@ -185,7 +175,7 @@ def test_concurrent_streams_survive_a_worker_death(cluster: LocalCluster, refere
 
     def ask(p: str) -> None:
         c = OpenAI(base_url=f"{cluster.url}/v1", api_key="x", max_retries=0, timeout=180)
-        s = c.chat.completions.create(model=model_id(cluster.url), messages=[{"role": "user", "content": p}],
+        s = c.chat.completions.create(model=served_model(cluster.url), messages=[{"role": "user", "content": p}],
                                       max_tokens=96, temperature=0, stream=True)
         parts = []
         for i, ch in enumerate(s):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, NamedTuple, Union
 
 
 class BadMessage(ValueError):
@@ -54,22 +54,79 @@ def _tokens(d: dict[str, Any], key: str) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------- messages
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
+MAX_GRAMMAR_CHARS = 1 << 20
+
+
+def _bounded(d: dict[str, Any], key: str, *, default: float, lo: float, hi: float) -> float:
+    v = _float(d, key, default=default)
+    if not lo <= v <= hi:
+        raise BadMessage(f"{key!r} must be in [{lo}, {hi}]")
+    return v
+
+
 @dataclass(frozen=True, kw_only=True)
 class Sampling:
-    """How the engine picks each next token of one request."""
+    """How the engine picks each next token of one request (its sampler chain).
+
+    Neutral values switch a stage off: top_k 0, top_p 1, min_p 0, penalties 0 (repeat 1),
+    no logit_bias, no grammar. Penalties count the tokens the request has generated.
+    """
 
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     seed: int | None = None  # None: a random seed per request
+    grammar: str = ""  # GBNF the output must match ("" : none); root rule "root"
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
 
     @classmethod
     def parse(cls, d: Any) -> "Sampling":
         if not isinstance(d, dict):
             raise BadMessage("'sampling' must be an object")
         seed = d.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise BadMessage("'seed' must be an integer or null")
-        return cls(temperature=_float(d, "temperature", default=0.0), top_p=_float(d, "top_p", default=1.0), seed=seed)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
+            raise BadMessage("'seed' must be an unsigned 32-bit integer or null")
+        bias = d.get("logit_bias", [])
+        if not isinstance(bias, list) or len(bias) > MAX_LOGIT_BIAS:
+            raise BadMessage(f"'logit_bias' must be a list of at most {MAX_LOGIT_BIAS} [token, bias] pairs")
+        pairs = []
+        for it in bias:
+            if (
+                not isinstance(it, list) or len(it) != 2
+                or not isinstance(it[0], int) or isinstance(it[0], bool) or it[0] < 0
+                or not isinstance(it[1], (int, float)) or isinstance(it[1], bool)
+                or not math.isfinite(it[1]) or not -100 <= it[1] <= 100
+            ):
+                raise BadMessage("'logit_bias' must hold [token id, bias in [-100, 100]] pairs")
+            pairs.append((it[0], float(it[1])))
+        grammar = _str(d, "grammar", default="", limit=MAX_GRAMMAR_CHARS + 1)
+        if len(grammar) > MAX_GRAMMAR_CHARS:
+            raise BadMessage(f"'grammar' is longer than {MAX_GRAMMAR_CHARS} characters")
+        logprobs = d.get("logprobs")
+        if logprobs is not None:
+            logprobs = _int(d, "logprobs", lo=0)
+            if logprobs > MAX_TOP_LOGPROBS:
+                raise BadMessage(f"'logprobs' must be at most {MAX_TOP_LOGPROBS}")
+        return cls(
+            temperature=_bounded(d, "temperature", default=0.0, lo=0.0, hi=100.0),
+            top_p=_bounded(d, "top_p", default=1.0, lo=0.0, hi=1.0),
+            top_k=_int(d, "top_k", default=0, lo=0),
+            min_p=_bounded(d, "min_p", default=0.0, lo=0.0, hi=1.0),
+            presence_penalty=_bounded(d, "presence_penalty", default=0.0, lo=-2.0, hi=2.0),
+            frequency_penalty=_bounded(d, "frequency_penalty", default=0.0, lo=-2.0, hi=2.0),
+            repeat_penalty=_bounded(d, "repeat_penalty", default=1.0, lo=0.01, hi=10.0),
+            logit_bias=tuple(pairs),
+            seed=seed,
+            grammar=grammar,
+            logprobs=logprobs,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +134,9 @@ class Submit:
     """head → engine: decode `tokens`, then sample up to `max_new` tokens.
 
     `replay` are the tokens a previous engine already sent to the client for this request
-    (after an engine restart): the engine brings them into the KV cache and continues.
+    (after an engine restart): the engine brings them into the KV cache, accepts them into
+    the request's sampler chain (so penalties, grammar and the seeded random generator
+    are where they were) and continues.
     """
 
     T: ClassVar[str] = "submit"
@@ -171,12 +230,58 @@ class Failed:
         return cls(error=_str(d, "error", default="load failed", limit=1000))
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """The log-probability of a sampled token under the model (before any sampling stage),
+    and the `top` most likely tokens at that position, most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Sampled(NamedTuple):
+    """One sampled token of one request; `logprob` only when the request asked for it."""
+
+    rid: str
+    token: int
+    logprob: Logprob | None = None
+
+
+def _logprob(v: Any) -> Logprob:
+    def num(x: Any) -> float:
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x) or x > 0:
+            raise BadMessage("a logprob must be a number <= 0")
+        return float(x)
+
+    if not isinstance(v, list) or len(v) != 2 or not isinstance(v[1], list) or len(v[1]) > MAX_TOP_LOGPROBS:
+        raise BadMessage("a token's logprob must be [logprob, [[token, logprob], ...]]")
+    top = []
+    for it in v[1]:
+        if not isinstance(it, list) or len(it) != 2 or not isinstance(it[0], int) or isinstance(it[0], bool) or it[0] < 0:
+            raise BadMessage("top logprobs must be [token, logprob] pairs")
+        top.append((it[0], num(it[1])))
+    return Logprob(logprob=num(v[0]), top=tuple(top))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Tokens:
-    """engine → head: one decode step's sampled tokens, as (request id, token) pairs."""
+    """engine → head: one decode step's sampled tokens, for every active sequence.
+
+    On the wire each item is `[request id, token]`, or `[request id, token, [logprob,
+    [[token, logprob], ...]]]` for a request that asked for logprobs.
+    """
 
     T: ClassVar[str] = "tokens"
-    items: tuple[tuple[str, int], ...]
+    items: tuple[Sampled, ...]
+
+    def wire(self) -> dict[str, Any]:
+        out: list[list[Any]] = []
+        for it in self.items:
+            if it.logprob is None:
+                out.append([it.rid, it.token])
+            else:
+                out.append([it.rid, it.token, [it.logprob.logprob, [list(p) for p in it.logprob.top]]])
+        return {"items": out}
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> "Tokens":
@@ -187,13 +292,14 @@ class Tokens:
         for it in items:
             if (
                 not isinstance(it, list)
-                or len(it) != 2
+                or len(it) not in (2, 3)
                 or not isinstance(it[0], str)
                 or not isinstance(it[1], int)
                 or isinstance(it[1], bool)
+                or it[1] < 0
             ):
-                raise BadMessage("'items' must hold [request id, token] pairs")
-            out.append((it[0], it[1]))
+                raise BadMessage("'items' must hold [request id, token(, logprob)] lists")
+            out.append(Sampled(it[0], it[1], _logprob(it[2]) if len(it) == 3 else None))
         return cls(items=tuple(out))
 
 
@@ -252,7 +358,7 @@ FROM_ENGINE: dict[str, type] = {c.T: c for c in (Hello, Progress, Ready, Failed,
 
 
 def encode(msg: Message) -> bytes:
-    body = asdict(msg)
+    body = msg.wire() if isinstance(msg, Tokens) else asdict(msg)
     body["t"] = msg.T
     return json.dumps(body, separators=(",", ":")).encode()
 

@@ -12,23 +12,28 @@ sample; the engine answers with sampled token ids. That makes resumption after a
 simple: the head re-submits prompt + tokens already sent, and decoding continues.
 
 Continuous batching: each request gets its own sequence (its own KV cache stream, so
-its output is exactly what it would be alone); new requests are prefilled between
-decode steps, and every step decodes one token for all active sequences in a single
-`llama_decode` call.
+its output is exactly what it would be alone) and its own sampler chain
+(appliance.engine.sampling: bias, grammar, penalties, truncation, temperature, seed);
+new requests are prefilled between decode steps, and every step decodes one token for
+all active sequences in a single `llama_decode` call. Log-probabilities are computed
+(numpy, over the step's logits) only for the requests that asked for them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
-import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from appliance.common import engine_protocol as ep
 from appliance.core.planner import Plan
+from appliance.engine.sampling import SamplerChain, SamplingError
 
 N_BATCH = 512
 
@@ -43,7 +48,7 @@ class Sequence:
     n_past: int = 0
     produced: int = 0
     last: int = -1
-    sampler: Any = None
+    sampler: SamplerChain | None = None
     replay: tuple[int, ...] = ()  # tokens already sent before a restart
     started_at: float = field(default_factory=time.monotonic)
 
@@ -141,7 +146,11 @@ class Engine:
         if len(msg.tokens) + len(msg.replay) >= self.n_ctx_seq:
             self.send(ep.Error(id=msg.id, error="prompt and replay exceed the context"))
             return
-        if any(t >= self.n_vocab for t in msg.tokens) or any(t >= self.n_vocab for t in msg.replay):
+        if (
+            any(t >= self.n_vocab for t in msg.tokens)
+            or any(t >= self.n_vocab for t in msg.replay)
+            or any(t >= self.n_vocab for t, _ in msg.sampling.logit_bias)
+        ):
             self.send(ep.Error(id=msg.id, error=f"token ids must be below the vocabulary size {self.n_vocab}"))
             return
         self.queue.append(
@@ -156,26 +165,13 @@ class Engine:
         if seq is not None:
             self._release(seq)
 
-    def _make_sampler(self, s: ep.Sampling) -> Any:
-        ll = self.ll
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if s.temperature <= 0.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-        else:
-            if s.top_p < 1.0:
-                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
-            seed = s.seed if s.seed is not None else random.getrandbits(32)
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(int(seed) & 0xFFFFFFFF))
-        return chain
-
     def _release(self, seq: Sequence) -> None:
         if seq.slot >= 0:
             self.ll.llama_memory_seq_rm(self.mem, seq.slot, -1, -1)
             self.free_slots.append(seq.slot)
             seq.slot = -1
         if seq.sampler is not None:
-            self.ll.llama_sampler_free(seq.sampler)
+            seq.sampler.free()
             seq.sampler = None
 
     def _fill(self, items: list[tuple[int, int, int, bool]]) -> None:
@@ -199,19 +195,46 @@ class Engine:
         self._release(seq)
         out.append(ep.Done(id=seq.rid, reason=reason, produced=seq.produced))
 
-    def _accept(self, seq: Sequence, tok: int, emitted: list[tuple[str, int]], done: list[ep.Done]) -> None:
+    def _logprob(self, idx: int, tok: int, k: int) -> ep.Logprob:
+        """The model's log-probability of `tok` at batch index `idx`, and its `k` most likely tokens."""
+        logits = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
+        x = logits.astype(np.float64)
+        m = x.max()
+        lse = m + math.log(float(np.exp(x - m).sum()))
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            ids = np.argpartition(-x, k - 1)[:k]
+            ids = ids[np.argsort(-x[ids], kind="stable")]
+            top = tuple((int(i), min(0.0, float(x[i] - lse))) for i in ids)
+        return ep.Logprob(logprob=min(0.0, float(x[tok] - lse)), top=top)
+
+    def _sample(self, seq: Sequence, idx: int, emitted: list[ep.Sampled], done: list[ep.Done]) -> None:
+        assert seq.sampler is not None
+        try:
+            tok = seq.sampler.sample(self.ctx, idx)
+        except SamplingError as exc:
+            self.active.pop(seq.rid, None)
+            self._release(seq)
+            self.send(ep.Error(id=seq.rid, error=str(exc)))
+            return
+        k = seq.sampling.logprobs
+        self._accept(seq, tok, emitted, done, None if k is None else self._logprob(idx, tok, k))
+
+    def _accept(
+        self, seq: Sequence, tok: int, emitted: list[ep.Sampled], done: list[ep.Done], logprob: ep.Logprob | None
+    ) -> None:
         if self.ll.llama_vocab_is_eog(self.vocab, tok):
             self._finish(seq, "stop", done)
             return
         seq.produced += 1
         seq.last = tok
-        emitted.append((seq.rid, tok))
+        emitted.append(ep.Sampled(seq.rid, tok, logprob))
         if seq.produced >= seq.max_new:
             self._finish(seq, "length", done)
         elif seq.n_past + 1 > self.n_ctx_seq:
             self._finish(seq, "context", done)
 
-    def _prefill(self, seq: Sequence, emitted: list[tuple[str, int]], done: list[ep.Done]) -> None:
+    def _prefill(self, seq: Sequence, emitted: list[ep.Sampled], done: list[ep.Done]) -> None:
         """Bring a new request into the batch: one batched pass (in N_BATCH chunks) over its
         prompt and, when it resumes after an engine restart, the tokens already sent; then
         sample its next token.
@@ -221,11 +244,20 @@ class Engine:
         It continues exactly as it would have on the CPU backend built without llamafile's
         sgemm (scripts/bootstrap.sh): ggml computes each position of a batch with the same
         kernels, in the same order, as a decode step (docs/RECOVERY.md has the measurement).
-        The replayed tokens also go through the request's sampler chain, so its state (the
-        RNG, and any penalties or grammar) is where it was when the engine was lost.
+        The request's sampler chain is restored first (penalties, grammar and the RNG are
+        where they were when the engine was lost).
         """
+        try:
+            seq.sampler = SamplerChain(
+                ll=self.ll, vocab=self.vocab, n_vocab=self.n_vocab, sampling=seq.sampling,
+                max_new=seq.max_new + len(seq.replay),
+            )
+            seq.sampler.restore(seq.replay)
+        except SamplingError as exc:
+            self._release(seq)
+            self.send(ep.Error(id=seq.rid, error=str(exc)))
+            return
         seq.slot = self.free_slots.pop(0)
-        seq.sampler = self._make_sampler(seq.sampling)
         self.active[seq.rid] = seq
         toks = seq.prompt + seq.replay
         for start in range(0, len(toks), N_BATCH):
@@ -237,14 +269,11 @@ class Engine:
             self._decode()
         self.prefilled += len(toks)
         seq.n_past = len(toks)
-        for t in seq.replay:
-            self.ll.llama_sampler_accept(seq.sampler, t)
-        tok = self.ll.llama_sampler_sample(seq.sampler, self.ctx, self.batch.n_tokens - 1)
-        self._accept(seq, int(tok), emitted, done)
+        self._sample(seq, self.batch.n_tokens - 1, emitted, done)
 
     def step(self) -> bool:
         """One scheduling round: admit waiting requests, decode one token for all."""
-        emitted: list[tuple[str, int]] = []
+        emitted: list[ep.Sampled] = []
         done: list[ep.Done] = []
         while self.queue and self.free_slots:
             self._prefill(self.queue.popleft(), emitted, done)
@@ -254,8 +283,7 @@ class Engine:
             self._decode()
             for i, s in enumerate(running):
                 s.n_past += 1
-                tok = self.ll.llama_sampler_sample(s.sampler, self.ctx, i)
-                self._accept(s, int(tok), emitted, done)
+                self._sample(s, i, emitted, done)
             self.steps += 1
         if emitted:
             self.tokens_out += len(emitted)

@@ -4,8 +4,9 @@ Each in-flight request keeps its prompt tokens and the tokens already streamed. 
 the engine is lost (it crashed, was killed because a worker died or hung, or was
 restarted for a re-plan), every request on it waits for the next engine and is
 re-submitted with `replay` = tokens already sent; the engine brings them into its KV
-cache and goes on, so the client sees one uninterrupted stream (identical to a
-fault-free run with greedy decoding).
+cache and its sampler chain (penalties, grammar, random generator) and goes on, so the
+client sees one uninterrupted stream (identical to a fault-free run with greedy decoding,
+and with a seed at any temperature: appliance.engine.sampling).
 
 `RequestRouter.generate()` is the one entry point the API uses; `EngineProcess` feeds
 it the engine's messages through the `RequestSink` methods.
@@ -90,9 +91,9 @@ class RequestRouter:
     # ------------------------------------------------------ RequestSink
     def on_engine_message(self, gen: int, msg: ep.Tokens | ep.Done | ep.Error) -> None:
         if isinstance(msg, ep.Tokens):
-            by_req: dict[str, list[int]] = {}
-            for rid, tok in msg.items:
-                by_req.setdefault(rid, []).append(tok)
+            by_req: dict[str, list[ep.Sampled]] = {}
+            for it in msg.items:
+                by_req.setdefault(it.rid, []).append(it)
             for rid, toks in by_req.items():
                 r = self.requests.get(rid)
                 if r is not None and r.gen == gen:
@@ -115,8 +116,9 @@ class RequestRouter:
                 r.queue.put_nowait(("lost", gen, reason))
 
     # ------------------------------------------------------------ requests
-    async def generate(self, params: GenParams, *, degraded: Callable[[], str]) -> AsyncIterator[int]:
-        """Yields sampled token ids; survives engine restarts. Sets `params.finish_reason`."""
+    async def generate(self, params: GenParams, *, degraded: Callable[[], str]) -> AsyncIterator[ep.Sampled]:
+        """Yields sampled tokens (with their logprobs when asked for); survives engine
+        restarts. Sets `params.finish_reason`."""
         rid = f"r{next(self._ids)}"
         req = _Active(rid=rid, params=params)
         self.requests[rid] = req
@@ -143,9 +145,9 @@ class RequestRouter:
                     if gen != req.gen:
                         continue
                     if kind == "tokens":
-                        for tok in payload:  # type: ignore[attr-defined]
-                            req.sent.append(tok)
-                            yield tok
+                        for it in payload:  # type: ignore[attr-defined]
+                            req.sent.append(it.token)
+                            yield it
                     elif kind == "done":
                         params.finish_reason = "length" if payload in ("length", "context") else "stop"
                         req.finished = True

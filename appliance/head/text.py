@@ -32,12 +32,34 @@ class ChatPrompt:
     stop: tuple[str, ...]
 
 
+class ChatTemplate:
+    """A Jinja chat template rendered exactly as llama-cpp-python's `create_chat_completion`
+    renders it (its `Jinja2ChatFormatter`), with the request's `tools` passed to it."""
+
+    def __init__(self, source: str, *, bos_token: str, eos_token: str, eos_id: int = -1) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.source = source
+        self._formatter = Jinja2ChatFormatter(
+            template=source, eos_token=eos_token, bos_token=bos_token, stop_token_ids=[eos_id]
+        )
+
+    def format_chat(self, messages: Sequence[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> ChatPrompt:
+        """The prompt for `messages`; `tools` become the template's `tools` variable (what
+        llama.cpp's server and transformers pass)."""
+        try:
+            result = self._formatter(messages=list(messages), tools=tools or None)
+        except Exception as exc:  # noqa: BLE001 - jinja raises many kinds
+            raise TemplateError(f"the model's chat template rejected the messages: {exc}") from None
+        stop = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
+        return ChatPrompt(text=result.prompt, add_bos=not result.added_special, stop=tuple(s for s in stop if s))
+
+
 class Tokenizer:
     def __init__(self, model_path: str) -> None:
         import llama_cpp
         from llama_cpp import _logger as llama_logger
         from llama_cpp._internals import LlamaModel
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         llama_logger.set_verbose(False)
         self._ll = llama_cpp.llama_cpp
@@ -49,31 +71,44 @@ class Tokenizer:
         self.eos_token = self._model.token_get_text(eos_id) if eos_id != -1 else ""
         self.bos_token = self._model.token_get_text(bos_id) if bos_id != -1 else ""
         template = self._model.metadata().get("tokenizer.chat_template")
-        self._formatter = Jinja2ChatFormatter(
-            template=template or GENERIC_TEMPLATE,
-            eos_token=self.eos_token,
-            bos_token=self.bos_token,
-            stop_token_ids=[eos_id],
-        )
+        self.chat = ChatTemplate(template or GENERIC_TEMPLATE, bos_token=self.bos_token, eos_token=self.eos_token,
+                                 eos_id=eos_id)
         self._buf = ctypes.create_string_buffer(256)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._ll.llama_vocab_n_tokens(self._vocab))
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Tokens of `text`; BOS only if the model asks for it (llama.cpp's add_special)."""
         return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
-    def format_chat(self, messages: Sequence[dict[str, Any]]) -> ChatPrompt:
-        try:
-            result = self._formatter(messages=list(messages))
-        except Exception as exc:  # noqa: BLE001 - jinja raises many kinds
-            raise TemplateError(f"the model's chat template rejected the messages: {exc}") from None
-        stop = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
-        return ChatPrompt(text=result.prompt, add_bos=not result.added_special, stop=tuple(s for s in stop if s))
+    def format_chat(self, messages: Sequence[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> ChatPrompt:
+        """The prompt for `messages` by the model's own template (ChatTemplate)."""
+        return self.chat.format_chat(messages, tools=tools)
 
-    def piece(self, token: int) -> bytes:
-        n = self._ll.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+    def check_grammar(self, grammar: str) -> bool:
+        """Whether llama.cpp accepts `grammar` (GBNF, root rule `root`) for this vocabulary:
+        the same parser the engine's grammar sampler uses, run here so that a bad grammar
+        is a 400 and never reaches the engine."""
+        smpl = self._ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not smpl:
+            return False
+        self._ll.llama_sampler_free(smpl)
+        return True
+
+    def special_token(self, text: str) -> int | None:
+        """The id of `text` when it is one special token of this vocabulary (a tool-call
+        marker such as `<tool_call>` or `[TOOL_CALLS]`), else None."""
+        ids = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return int(ids[0]) if len(ids) == 1 and not self.piece(int(ids[0])) else None
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of `token`; special tokens (end of turn, ...) are empty unless `special`."""
+        n = self._ll.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, special)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
-            n = self._ll.llama_token_to_piece(self._vocab, token, big, len(big), 0, False)
+            n = self._ll.llama_token_to_piece(self._vocab, token, big, len(big), 0, special)
             return big.raw[:n]
         return self._buf.raw[:n]
 
@@ -86,12 +121,13 @@ class Detokenizer:
     the text after it streams on as usual.
     """
 
-    def __init__(self, tok: Tokenizer) -> None:
+    def __init__(self, tok: Tokenizer, *, keep: frozenset[int] = frozenset()) -> None:
         self.tok = tok
+        self.keep = keep  # special tokens written out as text (a tool format's markers)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
-        return self._decoder.decode(self.tok.piece(token))
+        return self._decoder.decode(self.tok.piece(token, special=token in self.keep))
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)

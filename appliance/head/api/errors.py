@@ -9,6 +9,7 @@ same cause, and an error in the middle of a stream is the same body as before it
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,6 +65,18 @@ def from_domain(exc: Exception, *, retry_after_s: int) -> ApiError:
     raise exc
 
 
+_FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _is_field(part: object) -> bool:
+    """Whether a location part names a field or an index, not a member of a union
+    (pydantic adds those: `str`, `list[int]`, `literal['auto',...]`, `NamedToolChoice`)."""
+    if isinstance(part, int):
+        return True
+    return bool(_FIELD.match(str(part))) and str(part) not in _TYPE_NAMES
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
     errs = exc.errors()
     if not errs:
@@ -71,7 +84,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     e = errs[0]
     if e.get("type") == "json_invalid":
         return f"Invalid JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None, "invalid_json"
-    loc = [str(x) for x in e.get("loc", []) if x != "body"]
+    loc = [str(x) for x in e.get("loc", []) if x != "body" and _is_field(x)]
     param = ".".join(loc) or None
     msg = str(e.get("msg", "invalid value"))
     if msg.startswith("Value error, "):

@@ -1,37 +1,52 @@
 """The OpenAI-compatible surface: /v1/models, /v1/chat/completions, /v1/completions.
 
 Requests are validated once into the models below (a bad field is a 400 naming it),
-turned into tokens (the model's own chat template for chat), and handed to the head's
-`RequestRouter`, which survives engine restarts. One `Completion` builds every body
-and streamed chunk for both endpoints; one error mapping (api.errors) covers streaming
-and non-streaming alike. Stop strings and detokenization (never splitting UTF-8) run
-here, on the head, because the engine speaks tokens only.
+turned into tokens (the model's own chat template for chat, with the request's tools),
+and handed to the head's `RequestRouter`, which survives engine restarts. Everything that
+decides how a token is picked (sampling settings, a grammar for `response_format` or forced
+tool calls, how many logprobs) travels to the engine as one `engine_protocol.Sampling`.
+
+One `Completion` builds every body and streamed chunk for both endpoints; one error
+mapping (api.errors) covers streaming and non-streaming alike. Stop strings,
+detokenization (never splitting UTF-8), tool-call parsing (head.tools) and the placing of
+logprobs run here, on the head, because the engine speaks tokens only. `n` > 1 runs the
+choices as separate sequences of the engine's batch, merged into one response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import time
 import uuid
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from appliance.common import engine_protocol as ep
 from appliance.common import logs
+from appliance.head import tools as tl
 from appliance.head.api.deps import get_head
 from appliance.head.api.errors import ApiError, from_domain, unavailable
 from appliance.head.requests import EngineRequestError, EngineUnavailable, GenParams
+from appliance.head.structured import SchemaError, json_object_grammar, schema_grammar
 from appliance.head.supervisor import Head
-from appliance.head.text import Detokenizer, StopMatcher, TemplateError
+from appliance.head.text import ChatTemplate, Detokenizer, StopMatcher, TemplateError, Tokenizer
 
 log = logs.get("head.api")
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
+MAX_N = 16
+MAX_TOOLS = 128
+MAX_COMPLETION_LOGPROBS = 5
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
 router = APIRouter()
 
@@ -46,14 +61,35 @@ class TextPart(_Base):
     text: str
 
 
+class FunctionCall(_Base):
+    name: str = Field(pattern=NAME_PATTERN)
+    arguments: str
+
+
+class ToolCall(_Base):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
-    def text(self) -> str:
+    @model_validator(mode="after")
+    def _shape(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+    def text(self) -> str | None:
         if self.content is None:
-            return ""
+            return None
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
@@ -63,18 +99,63 @@ class StreamOptions(_Base):
     include_usage: bool = False
 
 
+class FunctionDef(_Base):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Base):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(_Base):
+    name: str
+
+
+class NamedToolChoice(_Base):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class JsonSchemaSpec(_Base):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Base):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _needs_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with the schema")
+        return self
+
+
 class _GenRequest(_Base):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=1_000_000)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repeat_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
+    logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -87,16 +168,35 @@ class _GenRequest(_Base):
             raise ValueError(f"stop sequences are limited to {MAX_STOP_LENGTH} characters")
         return [s for s in stops if s]
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalty(cls, v: float) -> float:
-        if v != 0.0:
-            raise ValueError("penalties are not supported by this server (use 0)")
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > ep.MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {ep.MAX_LOGIT_BIAS} tokens may be biased")
+        for k, b in v.items():
+            if not k.isdigit() or len(k) > 9:
+                raise ValueError(f"keys must be token ids, not {k[:20]!r}")
+            if not math.isfinite(b) or not -100 <= b <= 100:
+                raise ValueError("biases must be between -100 and 100")
         return v
 
-    def sampling(self) -> ep.Sampling:
-        seed = None if self.seed is None else self.seed & 0xFFFFFFFF
-        return ep.Sampling(temperature=self.temperature, top_p=self.top_p, seed=seed)
+    def sampling(self, *, choice: int, grammar: str, logprobs: int | None) -> ep.Sampling:
+        seed = None if self.seed is None else (self.seed + choice) & 0xFFFFFFFF
+        return ep.Sampling(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repeat_penalty=self.repeat_penalty,
+            logit_bias=tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items())),
+            seed=seed,
+            grammar=grammar,
+            logprobs=logprobs,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -106,6 +206,11 @@ class _GenRequest(_Base):
 class ChatRequest(_GenRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=ep.MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_GenRequest):
@@ -113,16 +218,27 @@ class CompletionRequest(_GenRequest):
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
     best_of: int = Field(default=1, ge=1, le=1)
-    logprobs: None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
 
 # --------------------------------------------------------------- bodies
+@dataclass(frozen=True, kw_only=True)
+class TokenLogprob:
+    """A sampled token's logprob and where its text starts in the completion."""
+
+    token: int
+    offset: int
+    logprob: ep.Logprob
+
+
 @dataclass
 class Completion:
     """Every body of one completion, streamed or not, for either endpoint."""
 
     chat: bool
     model: str
+    tokenizer: Tokenizer | None = None
+    keep: frozenset[int] = frozenset()
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -133,23 +249,65 @@ class Completion:
         obj = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def _choice(self, *, text: str | None, finish: str | None, stream: bool, role: bool = False) -> dict[str, Any]:
-        if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        if not stream:
-            message = {"role": "assistant", "content": text or ""}
-            return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    # ---------------------------------------------------------- logprobs
+    def _token(self, tok: int) -> tuple[str, list[int]]:
+        assert self.tokenizer is not None
+        raw = self.tokenizer.piece(tok, special=tok in self.keep)
+        return raw.decode("utf-8", errors="replace"), list(raw)
 
-    def chunk(self, *, text: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
-        return {**self._envelope(stream=True), "choices": [self._choice(text=text, finish=finish, stream=True, role=role)]}
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """`logprobs` of a choice (chat) or a choice's text (completions) for `entries`."""
+        if entries is None:
+            return None
+        if self.chat:
+            content = []
+            for e in entries:
+                text, raw = self._token(e.token)
+                top = []
+                for t, lp in e.logprob.top:
+                    tt, tb = self._token(t)
+                    top.append({"token": tt, "logprob": lp, "bytes": tb})
+                content.append({"token": text, "logprob": e.logprob.logprob, "bytes": raw, "top_logprobs": top})
+            return {"content": content, "refusal": None}
+        texts = [self._token(e.token)[0] for e in entries]
+        return {
+            "tokens": texts,
+            "token_logprobs": [e.logprob.logprob for e in entries],
+            "top_logprobs": [{self._token(t)[0]: lp for t, lp in e.logprob.top} for e in entries],
+            "text_offset": [e.offset for e in entries],
+        }
+
+    # ------------------------------------------------------------ chunks
+    def chunk(
+        self, index: int, *, delta: dict[str, Any] | None = None, finish: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
+        lp = self.logprobs(logprobs)
+        if self.chat:
+            choice = {"index": index, "delta": delta or {}, "logprobs": lp, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": (delta or {}).get("content", ""), "logprobs": lp, "finish_reason": finish}
+        return {**self._envelope(stream=True), "choices": [choice]}
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self._envelope(stream=True), "choices": [], "usage": usage}
 
-    def final(self, *, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
-        return {**self._envelope(stream=False), "choices": [self._choice(text=text, finish=finish, stream=False)], "usage": usage}
+    def choice(
+        self, index: int, *, text: str | None, calls: list[tl.ParsedCall], finish: str,
+        logprobs: list[TokenLogprob] | None,
+    ) -> dict[str, Any]:
+        lp = self.logprobs(logprobs)
+        if not self.chat:
+            return {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+            ]
+        return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
+
+    def final(self, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+        return {**self._envelope(stream=False), "choices": choices, "usage": usage}
 
 
 def _sse(obj: dict[str, Any] | str) -> bytes:
@@ -157,44 +315,85 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-# ----------------------------------------------------------- generation
-class _Run:
-    """One request's text stream: tokens from the router, detokenized, stop strings applied."""
+def _deltas(events: list[tl.Event]) -> list[dict[str, Any]]:
+    """OpenAI's chat deltas for parser events: content, a call's start, its arguments."""
+    out: list[dict[str, Any]] = []
+    for e in events:
+        if isinstance(e, tl.Content):
+            out.append({"content": e.text})
+        elif isinstance(e, tl.CallStart):
+            out.append({"tool_calls": [{"index": e.index, "id": e.id, "type": "function",
+                                        "function": {"name": e.name, "arguments": ""}}]})
+        else:
+            out.append({"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]})
+    return out
 
-    def __init__(self, head: Head, params: GenParams, stops: list[str]) -> None:
-        self.head, self.params, self.stops = head, params, stops
+
+# ----------------------------------------------------------- generation
+@dataclass
+class _Piece:
+    text: str
+    logprobs: list[TokenLogprob]
+
+
+class _Run:
+    """One choice's text stream: tokens from the router, detokenized, stop strings applied.
+
+    Logprobs stay with the text: a token's entry goes out with the piece that carries the
+    first character of its text, and a token whose text starts at or after a stop string
+    is not reported (the client never sees its text either).
+    """
+
+    def __init__(self, head: Head, params: GenParams, stops: list[str], *, keep: frozenset[int] = frozenset()) -> None:
+        self.head, self.params, self.stops, self.keep = head, params, stops, keep
         self.count = 0
         self.finish = ""
         self.t0 = time.monotonic()
 
-    def usage(self) -> dict[str, int]:
-        n = len(self.params.prompt)
-        return {"prompt_tokens": n, "completion_tokens": self.count, "total_tokens": n + self.count}
-
-    async def texts(self) -> AsyncIterator[str]:
+    async def pieces(self) -> AsyncIterator[_Piece]:
         head = self.head
-        detok = Detokenizer(head.tokenizer)
+        detok = Detokenizer(head.tokenizer, keep=self.keep)
         matcher = StopMatcher(self.stops)
+        made = 0  # characters of text the tokens made so far
+        sent = 0  # characters of it let out (made minus what the stop matcher holds)
+        pending: deque[TokenLogprob] = deque()
+
+        def due(limit: int | None) -> list[TokenLogprob]:
+            out = []
+            while pending and (limit is None or pending[0].offset < limit):
+                out.append(pending.popleft())
+            return out
+
         gen = head.router.generate(self.params, degraded=head.degraded_reason)
         try:
-            async for tok in gen:
+            async for s in gen:
                 if self.count == 0:
                     head.metrics.ttft.observe(time.monotonic() - self.t0)
                 self.count += 1
                 head.metrics.tokens.inc()
-                text = matcher.push(detok.push(tok))
-                if text:
-                    yield text
+                text = detok.push(s.token)
+                if s.logprob is not None:
+                    pending.append(TokenLogprob(token=s.token, offset=made, logprob=s.logprob))
+                made += len(text)
+                out = matcher.push(text)
+                sent += len(out)
                 if matcher.hit:
                     self.finish = "stop"
+                    yield _Piece(out, due(sent))
                     return
+                if out or pending:
+                    lps = due(sent)
+                    if out or lps:
+                        yield _Piece(out, lps)
             tail = matcher.push(detok.flush())
             if matcher.hit:
                 self.finish = "stop"
             else:
                 tail += matcher.flush()
-            if tail:
-                yield tail
+            sent += len(tail)
+            lps = due(sent) if matcher.hit else due(None)
+            if tail or lps:
+                yield _Piece(tail, lps)
             self.finish = self.finish or self.params.finish_reason or "length"
         finally:
             await gen.aclose()
@@ -202,43 +401,159 @@ class _Run:
                 head.metrics.resumed.inc(self.params.resumes)
 
 
-async def _respond(
-    head: Head, *, params: GenParams, stops: list[str], body: Completion, stream: bool, include_usage: bool
-) -> Response:
-    head.metrics.prompt_tokens.inc(len(params.prompt))
-    retry = head.timing.recovery.RETRY_AFTER_S
-    run = _Run(head, params, stops)
-    texts = run.texts()
-    if not stream:
+@dataclass(frozen=True, kw_only=True)
+class _Output:
+    """What a request wants back besides text: logprobs, tool calls."""
+
+    logprobs: bool
+    tools: tl.ToolPlan | None = None
+    keep: frozenset[int] = frozenset()
+
+
+class _Choice:
+    """One choice of a response: its run, its tool parser, what it has produced."""
+
+    def __init__(self, head: Head, *, index: int, params: GenParams, stops: list[str], out: _Output) -> None:
+        self.index = index
+        self.run = _Run(head, params, stops, keep=out.keep)
+        plan = out.tools
+        self.named = bool(plan and plan.named)
+        self.parser = tl.ToolParser(plan.format, max_calls=plan.max_calls) if plan and plan.parse else None
+        self.want_logprobs = out.logprobs
+        self.text = ""
+        self.logprobs: list[TokenLogprob] = []
+
+    async def deltas(self) -> AsyncIterator[tuple[dict[str, Any] | None, list[TokenLogprob]]]:
+        """(delta, logprobs) pairs: chat deltas (content / tool calls); None carries only logprobs."""
+        async for piece in self.run.pieces():
+            self.logprobs += piece.logprobs
+            if self.parser is None:
+                self.text += piece.text
+                yield ({"content": piece.text} if piece.text else None), piece.logprobs
+                continue
+            ds = _deltas(self.parser.feed(piece.text))
+            if not ds:
+                if piece.logprobs:
+                    yield None, piece.logprobs
+                continue
+            for i, d in enumerate(ds):
+                yield d, piece.logprobs if i == 0 else []
+        if self.parser is not None:
+            for d in _deltas(self.parser.finish()):
+                yield d, []
+
+    @property
+    def finish(self) -> str:
+        reason = self.run.finish or "length"
+        if self.parser is not None and self.parser.calls and reason != "length":
+            return "stop" if self.named else "tool_calls"
+        return reason
+
+    def result(self, body: Completion) -> dict[str, Any]:
+        if self.parser is None:
+            text: str | None = self.text
+            calls: list[tl.ParsedCall] = []
+        else:
+            calls = self.parser.calls
+            text = self.parser.content if (self.parser.content.strip() or not calls) else None
+        return body.choice(self.index, text=text, calls=calls, finish=self.finish,
+                           logprobs=self.logprobs if self.want_logprobs else None)
+
+
+async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """The items of several async iterators as they come (the choices of n > 1)."""
+    if len(gens) == 1:
+        async for x in gens[0]:
+            yield x
+        return
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    finished = object()
+
+    async def pump(g: AsyncIterator[Any]) -> None:
         try:
-            text = "".join([piece async for piece in texts])
+            async for x in g:
+                await queue.put(x)
+            await queue.put(finished)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(g)) for g in gens]
+    try:
+        left = len(tasks)
+        while left:
+            x = await queue.get()
+            if x is finished:
+                left -= 1
+            elif isinstance(x, Exception):
+                raise x
+            else:
+                yield x
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _respond(
+    head: Head, *, prompt_len: int, choices: list[_Choice], body: Completion, stream: bool, include_usage: bool,
+) -> Response:
+    head.metrics.prompt_tokens.inc(prompt_len)
+    retry = head.timing.recovery.RETRY_AFTER_S
+
+    def usage() -> dict[str, int]:
+        made = sum(c.run.count for c in choices)
+        return {"prompt_tokens": prompt_len, "completion_tokens": made, "total_tokens": prompt_len + made}
+
+    if not stream:
+
+        async def drain(c: _Choice) -> None:
+            async for _ in c.deltas():
+                pass
+
+        try:
+            await asyncio.gather(*(drain(c) for c in choices))
         except (EngineUnavailable, EngineRequestError) as exc:
             raise from_domain(exc, retry_after_s=retry) from None
-        return JSONResponse(body.final(text=text, finish=run.finish or "length", usage=run.usage()))
+        return JSONResponse(body.final([c.result(body) for c in choices], usage()))
 
-    # Streaming: wait for the first piece before committing to a 200, so that an error
+    async def chunks(c: _Choice) -> AsyncIterator[dict[str, Any]]:
+        carried: list[TokenLogprob] = []
+        async for delta, lps in c.deltas():
+            carried += lps
+            if delta is None:
+                continue
+            yield body.chunk(c.index, delta=delta, logprobs=carried if c.want_logprobs else None)
+            carried = []
+        yield body.chunk(c.index, finish=c.finish, logprobs=carried if c.want_logprobs and carried else None)
+
+    merged = _merge([chunks(c) for c in choices])
+    # Streaming: wait for the first chunk before committing to a 200, so that an error
     # that comes at once (the engine rejects the request) is a proper HTTP error.
     try:
-        first: str | None = await texts.__anext__()
+        first: dict[str, Any] | None = await merged.__anext__()
     except StopAsyncIteration:
         first = None
     except (EngineUnavailable, EngineRequestError) as exc:
+        await merged.aclose()
         raise from_domain(exc, retry_after_s=retry) from None
 
     async def events() -> AsyncIterator[bytes]:
-        yield _sse(body.chunk(role=True))
+        for c in choices:
+            role = {"role": "assistant", "content": None if c.parser is not None else ""}
+            yield _sse(body.chunk(c.index, delta=role) if body.chat else body.chunk(c.index))
         try:
-            if first:
-                yield _sse(body.chunk(text=first))
-            async for piece in texts:
-                yield _sse(body.chunk(text=piece))
-            yield _sse(body.chunk(finish=run.finish or "length"))
+            if first is not None:
+                yield _sse(first)
+            async for ch in merged:
+                yield _sse(ch)
             if include_usage:
-                yield _sse(body.usage_chunk(run.usage()))
+                yield _sse(body.usage_chunk(usage()))
         except (EngineUnavailable, EngineRequestError) as exc:
             yield _sse(from_domain(exc, retry_after_s=retry).body())
         finally:
-            await texts.aclose()
+            await merged.aclose()
         yield _sse("[DONE]")
 
     return StreamingResponse(
@@ -295,10 +610,107 @@ def _budget(head: Head, prompt_len: int, max_tokens: int | None, param: str) -> 
     return max_tokens
 
 
+def _check_bias(head: Head, req: _GenRequest) -> None:
+    vocab = head.profile.vocab_size
+    for k in req.logit_bias or {}:
+        if int(k) >= vocab:
+            raise ApiError(400, f"logit_bias: token id {k} is not below the vocabulary size {vocab}",
+                           param="logit_bias", code="invalid_value")
+
+
+def _schema_error(exc: SchemaError, param: str) -> ApiError:
+    return ApiError(400, f"Invalid schema for '{param}': {exc}", param=param, code="unsupported_schema")
+
+
+def _format_grammar(req: _GenRequest) -> str:
+    """The grammar for the request's `response_format` ("" for text)."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return ""
+    if fmt.type == "json_object":
+        return json_object_grammar()
+    assert fmt.json_schema is not None
+    param = "response_format.json_schema.schema"
+    schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
+    try:
+        return schema_grammar(schema)
+    except SchemaError as exc:
+        raise _schema_error(exc, param) from None
+
+
+def _check_grammar(head: Head, grammar: str, *, param: str) -> None:
+    if grammar and not head.tokenizer.check_grammar(grammar):
+        raise ApiError(400, f"llama.cpp refused the grammar made for '{param}' (too large or too complex)",
+                       param=param, code="unsupported_schema")
+
+
+_caps: "weakref.WeakKeyDictionary[ChatTemplate, tl.TemplateCaps]" = weakref.WeakKeyDictionary()
+
+
+def template_caps(tok: Tokenizer) -> tl.TemplateCaps:
+    """What the model's chat template does with tools (found once per template)."""
+    caps = _caps.get(tok.chat)
+    if caps is None:
+        caps = _caps[tok.chat] = tl.TemplateCaps.detect(tok.chat)
+    return caps
+
+
+def _tool_request(req: ChatRequest) -> tl.ToolRequest | None:
+    if not req.tools:
+        if req.tool_choice not in (None, "none"):
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+        return None
+    names: set[str] = set()
+    functions = []
+    for i, t in enumerate(req.tools):
+        fn = t.function
+        if fn.name in names:
+            raise ApiError(400, f"two tools are named {fn.name!r}", param=f"tools.{i}.function.name",
+                           code="invalid_value")
+        names.add(fn.name)
+        params = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
+        param = f"tools.{i}.function.parameters"
+        try:
+            tl.check_parameters(params, param=param)
+        except SchemaError as exc:
+            raise _schema_error(exc, param) from None
+        functions.append(tl.Function(name=fn.name, description=fn.description, parameters=params))
+    choice = req.tool_choice or "auto"
+    name = None
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if name not in names:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools",
+                           param="tool_choice.function.name", code="invalid_value")
+        choice = "function"
+    return tl.ToolRequest(functions=tuple(functions), choice=choice, name=name, parallel=req.parallel_tool_calls)
+
+
+def _messages(req: ChatRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    seen_calls: set[str] = set()
+    for i, m in enumerate(req.messages):
+        d: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.name:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            seen_calls.update(c.id for c in m.tool_calls)
+        if m.role == "tool":
+            if m.tool_call_id not in seen_calls:
+                raise ApiError(400, "a tool message must answer a tool call of an earlier assistant message",
+                               param=f"messages.{i}.tool_call_id", code="invalid_value")
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
 # ------------------------------------------------------------ routes
 @router.get("/v1/models")
 async def models(head: Head = Depends(get_head)) -> dict[str, Any]:
     p = head.profile
+    caps = template_caps(head.tokenizer)
+    n_ctx = head.engine.n_ctx_served
     return {
         "object": "list",
         "data": [
@@ -307,12 +719,23 @@ async def models(head: Head = Depends(get_head)) -> dict[str, Any]:
                 "object": "model",
                 "created": int(head.started_at),
                 "owned_by": "anyway",
+                "context_length": n_ctx,
                 "meta": {
                     "architecture": p.architecture,
                     "n_layers": p.n_layers,
-                    "n_ctx": head.engine.n_ctx_served,
+                    "n_ctx": n_ctx,
                     "weight_bytes": p.total_weight_bytes,
                     "chat_template": p.has_chat_template,
+                    "capabilities": {
+                        "tools": caps.tools,
+                        "tool_call_format": caps.format.value,
+                        "tool_calls_in_history": caps.tool_calls,
+                        "tool_messages": caps.tool_responses,
+                        "structured_outputs": True,
+                        "logprobs": True,
+                        "max_top_logprobs": ep.MAX_TOP_LOGPROBS,
+                        "max_n": MAX_N,
+                    },
                 },
             }
         ],
@@ -322,23 +745,44 @@ async def models(head: Head = Depends(get_head)) -> dict[str, Any]:
 @router.post("/v1/chat/completions")
 async def chat(req: ChatRequest, head: Head = Depends(get_head)) -> Response:
     _check_model(head, req.model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs to be true", param="top_logprobs", code="invalid_value")
+    _check_bias(head, req)
     _check_available(head)
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    tool_req = _tool_request(req)
+    fmt_grammar = _format_grammar(req)
+    if fmt_grammar and tool_req is not None and tool_req.choice != "none":
+        raise ApiError(400, "response_format cannot be combined with tools unless tool_choice is 'none'",
+                       param="response_format", code="invalid_value")
+    caps = template_caps(head.tokenizer)
     try:
-        prompt = head.tokenizer.format_chat(messages)
+        plan = tl.plan(_messages(req), req=tool_req, caps=caps)
+    except SchemaError as exc:
+        raise _schema_error(exc, "tools") from None
+    grammar = plan.grammar or fmt_grammar
+    _check_grammar(head, grammar, param="tools" if plan.grammar else "response_format")
+    try:
+        prompt = head.tokenizer.format_chat(plan.messages, tools=plan.template_tools)
     except TemplateError as exc:
         raise ApiError(400, str(exc), param="messages", code="invalid_messages") from None
     tokens = head.tokenizer.encode(prompt.text, add_bos=prompt.add_bos)
     max_tokens = req.max_completion_tokens or req.max_tokens
-    budget = _budget(head, len(tokens), max_tokens, "max_tokens" if max_tokens else "messages")
-    params = GenParams(prompt=tokens, max_new=budget, sampling=req.sampling())
+    param = ("max_completion_tokens" if req.max_completion_tokens else "max_tokens") if max_tokens else "messages"
+    budget = _budget(head, len(tokens), max_tokens, param)
+    keep = frozenset(t for t in (head.tokenizer.special_token(m) for m in plan.preserve) if t is not None)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    out = _Output(logprobs=req.logprobs, tools=plan if plan.parse else None, keep=keep)
+    stops = list(req.stop or []) + list(prompt.stop)  # type: ignore[arg-type]
+    choices = [
+        _Choice(head, index=i, stops=stops, out=out,
+                params=GenParams(prompt=tokens, max_new=budget,
+                                 sampling=req.sampling(choice=i, grammar=grammar, logprobs=logprobs)))
+        for i in range(req.n)
+    ]
     return await _respond(
-        head,
-        params=params,
-        stops=list(req.stop or []) + list(prompt.stop),  # type: ignore[arg-type]
-        body=Completion(chat=True, model=head.model_id),
-        stream=req.stream,
-        include_usage=req.include_usage,
+        head, prompt_len=len(tokens), choices=choices,
+        body=Completion(chat=True, model=head.model_id, tokenizer=head.tokenizer, keep=keep),
+        stream=req.stream, include_usage=req.include_usage,
     )
 
 
@@ -347,6 +791,7 @@ async def completions(req: CompletionRequest, head: Head = Depends(get_head)) ->
     _check_model(head, req.model)
     if req.echo:
         raise ApiError(400, "echo is not supported", param="echo", code="unsupported_parameter")
+    _check_bias(head, req)
     _check_available(head)
     p = req.prompt
     if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
@@ -363,13 +808,18 @@ async def completions(req: CompletionRequest, head: Head = Depends(get_head)) ->
             raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
         if any(t < 0 or t >= head.profile.vocab_size for t in tokens):
             raise ApiError(400, f"token ids must be in [0, {head.profile.vocab_size})", param="prompt", code="invalid_value")
+    grammar = _format_grammar(req)
+    _check_grammar(head, grammar, param="response_format")
     budget = _budget(head, len(tokens), req.max_tokens, "max_tokens")
-    params = GenParams(prompt=tokens, max_new=budget, sampling=req.sampling())
+    out = _Output(logprobs=req.logprobs is not None)
+    choices = [
+        _Choice(head, index=i, stops=list(req.stop or []), out=out,  # type: ignore[arg-type]
+                params=GenParams(prompt=tokens, max_new=budget,
+                                 sampling=req.sampling(choice=i, grammar=grammar, logprobs=req.logprobs)))
+        for i in range(req.n)
+    ]
     return await _respond(
-        head,
-        params=params,
-        stops=list(req.stop or []),  # type: ignore[arg-type]
-        body=Completion(chat=False, model=head.model_id),
-        stream=req.stream,
-        include_usage=req.include_usage,
+        head, prompt_len=len(tokens), choices=choices,
+        body=Completion(chat=False, model=head.model_id, tokenizer=head.tokenizer),
+        stream=req.stream, include_usage=req.include_usage,
     )
