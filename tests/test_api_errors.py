@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, AsyncIterator
@@ -23,7 +24,7 @@ from appliance.common import engine_protocol as ep
 from appliance.common.config import Timing
 from appliance.head.api.app import build_app
 from appliance.head.metrics import Metrics
-from appliance.head.requests import EngineRequestError, EngineUnavailable, GenParams
+from appliance.head.requests import Admission, EngineRequestError, EngineUnavailable, GenParams
 from appliance.head.text import Tokenizer
 
 
@@ -55,6 +56,8 @@ def head_with(router: Any, tokenizer: Tokenizer) -> Any:
         router=router,
         degraded_reason=lambda: "",
         profile=SimpleNamespace(vocab_size=49152),
+        admission=Admission(limit=8),
+        text_pool=ThreadPoolExecutor(max_workers=1),
     )
 
 

@@ -254,6 +254,7 @@ def cmd_head(args: argparse.Namespace) -> int:
         api_port=args.port,
         n_ctx=args.n_ctx,
         max_batch=args.max_batch,
+        max_queued=args.max_queued,
         head_memory_bytes=_bytes_arg(str(args.head_memory)) if args.head_memory else 0,
         strategy=args.strategy,
         engine_threads=args.threads,
@@ -451,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_API_PORT, help="API port")
     s.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="context per request, tokens")
     s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="requests decoded together")
+    s.add_argument("--max-queued", type=int, default=32,
+                   help="requests waiting for a place in the batch; more get 429 with Retry-After")
     s.add_argument("--head-memory", default="", help="memory the head's CPU lends to layers (0: none)")
     s.add_argument(
         "--strategy",

@@ -23,6 +23,8 @@ class HeadConfig:
     """Context per request (per sequence), tokens."""
     max_batch: int = DEFAULT_MAX_BATCH
     """Requests decoded together (each has its own KV cache stream)."""
+    max_queued: int = 32
+    """Requests waiting for a place in the batch; past `max_batch + max_queued`, new ones get 429."""
     head_memory_bytes: int = 0
     """Memory the head's own CPU lends to layers (0: none)."""
     strategy: str = "speed"

@@ -31,6 +31,9 @@ class Metrics:
         )
         self.bad_frames = Counter("anyway_control_bad_frames_total", "Malformed control messages dropped", registry=r)
         self.resumed = Counter("anyway_requests_resumed_total", "Requests resumed on a new engine", registry=r)
+        self.abandoned = Counter(
+            "anyway_requests_abandoned_total", "Requests whose client left before the answer (decoding stopped)", registry=r
+        )
         self.task_restarts = Counter(
             "anyway_head_task_restarts_total", "Head tasks restarted after an unexpected error", ["task"], registry=r
         )

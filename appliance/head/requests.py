@@ -30,6 +30,34 @@ from appliance.head.engine_process import EngineProcess
 log = logs.get("head.requests")
 
 
+class Ticket:
+    """A request's place in the engine's batch or its queue; `release()` gives it back (once)."""
+
+    def __init__(self, admission: "Admission", n: int) -> None:
+        self._admission, self._n = admission, n
+
+    def release(self) -> None:
+        if self._n:
+            self._admission.in_flight -= self._n
+            self._n = 0
+
+
+class Admission:
+    """Bounded abuse: at most `limit` sequences run or wait; past it, new requests are refused
+    (429) instead of queueing without bound. Counted from when a request is accepted (before
+    its prompt is tokenized) until its answer is done or its client has gone."""
+
+    def __init__(self, *, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def enter(self, n: int = 1) -> Ticket | None:
+        if self.in_flight + n > self.limit:
+            return None
+        self.in_flight += n
+        return Ticket(self, n)
+
+
 class EngineUnavailable(Exception):
     """No engine came back within the recovery timeout (or the cluster is degraded)."""
 

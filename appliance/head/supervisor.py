@@ -15,6 +15,7 @@ import signal
 import tempfile
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from appliance import __version__
@@ -45,7 +46,7 @@ from appliance.head.events import EventLog
 from appliance.head.loadmeter import LoadMeter
 from appliance.head.metrics import Metrics
 from appliance.head.probe import RpcProber
-from appliance.head.requests import RequestRouter
+from appliance.head.requests import Admission, RequestRouter
 from appliance.head.staging import StagingService
 from appliance.head.tasks import TaskSpec, TaskSupervisor
 from appliance.head.text import Tokenizer
@@ -91,6 +92,8 @@ class Head:
             timing=self.timing.engine,
             on_event=self._on_engine_event,
         )
+        self.admission = Admission(limit=cfg.max_batch + cfg.max_queued)
+        self.text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.router = RequestRouter(
             engine=self.engine,
             recovery_timeout_s=self.timing.recovery.REQUEST_RECOVERY_TIMEOUT_S,
@@ -204,6 +207,7 @@ class Head:
                 t.cancel()
             self.control.close()
             self.staging.close()
+            self.text_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------ stabilization
     def node_views(self) -> list[NodeView]:

@@ -6,12 +6,17 @@ tokens for the context check, keep each request as tokens (what makes resumption
 an engine restart exact), and turn sampled token ids back into text incrementally.
 Chat formatting uses the GGUF's own Jinja template the same way llama-cpp-python's
 `Llama.create_chat_completion` does, so the prompt tokens are identical.
+
+Text is text: the template's own markers (`<|im_start|>` ...) are special tokens, but the
+same strings inside a user's or a tool's message are tokenized as the plain characters they
+are, so nobody can open a `system` turn from inside their question (`encode_chat`).
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -23,6 +28,11 @@ GENERIC_TEMPLATE = (
 
 class TemplateError(ValueError):
     """The chat template rejected the messages (e.g. roles not alternating)."""
+
+
+UNTRUSTED_ROLES = frozenset({"user", "tool"})  # whose text may carry strings of special tokens
+_MARK = "\ue000{}\ue001"  # private-use characters: where a message's text goes in the prompt
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,25 @@ class Tokenizer:
         self.chat = ChatTemplate(template or GENERIC_TEMPLATE, bos_token=self.bos_token, eos_token=self.eos_token,
                                  eos_id=eos_id)
         self._buf = ctypes.create_string_buffer(256)
+        self._special = self._special_pattern()
+
+    def _special_pattern(self) -> re.Pattern[str] | None:
+        """The strings llama.cpp parses as special tokens (control and user-defined tokens)."""
+        import llama_cpp
+
+        mask = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        texts = {
+            self._model.token_get_text(i)
+            for i in range(self.vocab_size)
+            if self._ll.llama_vocab_get_attr(self._vocab, i) & mask
+        }
+        texts = {s for s in texts if s}
+        if not texts:
+            return None
+        return re.compile("|".join(re.escape(s) for s in sorted(texts, key=len, reverse=True)))
+
+    def has_special(self, text: str) -> bool:
+        return self._special is not None and self._special.search(text) is not None
 
     @property
     def vocab_size(self) -> int:
@@ -86,6 +115,44 @@ class Tokenizer:
     def format_chat(self, messages: Sequence[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> ChatPrompt:
         """The prompt for `messages` by the model's own template (ChatTemplate)."""
         return self.chat.format_chat(messages, tools=tools)
+
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> tuple[ChatPrompt, list[int]]:
+        """The prompt for `messages` and its tokens, the text of user and tool messages taken
+        literally: a special token's string in it is its characters, not the token.
+
+        Without such strings (nearly always) the whole prompt is tokenized at once, exactly as
+        llama-cpp-python does. With them, the template is rendered with a mark in place of
+        each such message's text; the template's parts are tokenized with special tokens, the
+        messages' text without.
+        """
+        prompt = self.format_chat(messages, tools=tools)
+        literal = {
+            i for i, m in enumerate(messages)
+            if m.get("role") in UNTRUSTED_ROLES and isinstance(m.get("content"), str) and self.has_special(m["content"])
+        }
+        if not literal:
+            return prompt, self.encode(prompt.text, add_bos=prompt.add_bos)
+        marked = [dict(m, content=_MARK.format(i)) if i in literal else m for i, m in enumerate(messages)]
+        skeleton = self.format_chat(marked, tools=tools).text
+        found = [int(x) for x in _MARK_RE.findall(skeleton)]
+        if sorted(found) != sorted(literal):
+            raise TemplateError("a message contains a special token's text, and the model's chat template "
+                                "transforms message text, so it cannot be kept literal; remove the token's text")
+        tokens: list[int] = []
+        pos, bos = 0, prompt.add_bos
+        for m in _MARK_RE.finditer(skeleton):
+            tokens += self._tokens(skeleton[pos : m.start()], special=True, add_bos=bos)
+            tokens += self._tokens(messages[int(m.group(1))]["content"], special=False, add_bos=False)
+            pos, bos = m.end(), False
+        tokens += self._tokens(skeleton[pos:], special=True, add_bos=False)
+        return prompt, tokens
+
+    def _tokens(self, text: str, *, special: bool, add_bos: bool) -> list[int]:
+        if not text and not add_bos:
+            return []
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def check_grammar(self, grammar: str) -> bool:
         """Whether llama.cpp accepts `grammar` (GBNF, root rule `root`) for this vocabulary:

@@ -20,10 +20,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """Refuse bodies over `limit` bytes with 413, without reading them all."""
 
@@ -46,28 +42,34 @@ class BodyLimit:
                 except ValueError:
                     pass
         seen = 0
-        started = False
+        started = refused = False
 
         async def limited() -> Message:
-            nonlocal seen
+            # A chunked body (no Content-Length) is counted as it streams in: past the limit,
+            # the client gets 413 and the application sees the client gone.
+            nonlocal seen, refused
             msg = await receive()
-            if msg["type"] == "http.request":
+            if msg["type"] == "http.request" and not refused:
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _BodyTooLarge
+                    refused = True
+                    if not started:
+                        await self._too_big().response()(scope, receive, send_raw)
+                    return {"type": "http.disconnect"}
             return msg
 
-        async def tracking_send(msg: Message) -> None:
+        async def send_raw(msg: Message) -> None:
             nonlocal started
             if msg["type"] == "http.response.start":
                 started = True
             await send(msg)
 
-        try:
-            await self.app(scope, limited, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._too_big().response()(scope, receive, send)
+        async def tracking_send(msg: Message) -> None:
+            if refused:
+                return  # the 413 went out already; what the application says after is dropped
+            await send_raw(msg)
+
+        await self.app(scope, limited, tracking_send)
 
 
 class AuthAndCount:

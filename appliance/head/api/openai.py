@@ -25,8 +25,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from appliance.common import engine_protocol as ep
@@ -34,7 +35,7 @@ from appliance.common import logs
 from appliance.head import tools as tl
 from appliance.head.api.deps import get_head
 from appliance.head.api.errors import ApiError, from_domain, unavailable
-from appliance.head.requests import EngineRequestError, EngineUnavailable, GenParams
+from appliance.head.requests import EngineRequestError, EngineUnavailable, GenParams, Ticket
 from appliance.head.structured import SchemaError, json_object_grammar, schema_grammar
 from appliance.head.supervisor import Head
 from appliance.head.text import ChatTemplate, Detokenizer, StopMatcher, TemplateError, Tokenizer
@@ -498,6 +499,24 @@ async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
 
 async def _respond(
     head: Head, *, prompt_len: int, choices: list[_Choice], body: Completion, stream: bool, include_usage: bool,
+    request: Request, ticket: Ticket,
+) -> Response:
+    """Run the choices and answer; `ticket` (the request's place in line) is given back when
+    the answer is done, the client leaves, or it fails."""
+    try:
+        response = await _answer(head, prompt_len=prompt_len, choices=choices, body=body, stream=stream,
+                                 include_usage=include_usage, request=request, ticket=ticket)
+    except BaseException:
+        ticket.release()
+        raise
+    if not stream:
+        ticket.release()
+    return response
+
+
+async def _answer(
+    head: Head, *, prompt_len: int, choices: list[_Choice], body: Completion, stream: bool, include_usage: bool,
+    request: Request, ticket: Ticket,
 ) -> Response:
     head.metrics.prompt_tokens.inc(prompt_len)
     retry = head.timing.recovery.RETRY_AFTER_S
@@ -512,8 +531,23 @@ async def _respond(
             async for _ in c.deltas():
                 pass
 
+        # The client may leave before the answer is complete: then stop decoding for it at once.
+        work = asyncio.ensure_future(asyncio.gather(*(drain(c) for c in choices)))
+        gone = asyncio.ensure_future(_until_disconnected(request))
+        left = False
         try:
-            await asyncio.gather(*(drain(c) for c in choices))
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            left = not work.done()
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()  # the generators' cleanup cancels the sequences in the engine
+                await asyncio.gather(work, return_exceptions=True)
+        if left:
+            head.metrics.abandoned.inc()
+            return Response(status_code=499)  # nobody reads it
+        try:
+            work.result()
         except (EngineUnavailable, EngineRequestError) as exc:
             raise from_domain(exc, retry_after_s=retry) from None
         return JSONResponse(body.final([c.result(body) for c in choices], usage()))
@@ -554,14 +588,65 @@ async def _respond(
             yield _sse(from_domain(exc, retry_after_s=retry).body())
         finally:
             await merged.aclose()
+            ticket.release()
         yield _sse("[DONE]")
 
     return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(ticket.release),  # also when the stream never started
     )
 
 
 # ------------------------------------------------------------ checks
+def _surrogate(obj: Any, path: str = "") -> str | None:
+    """The path of the first string holding a lone surrogate (JSON's "\\ud800"), if any: such
+    text cannot be encoded, tokenized or echoed back."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or None
+        return None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _surrogate(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
+def _check_text(req: _GenRequest) -> None:
+    where = _surrogate(req.model_dump())
+    if where:
+        raise ApiError(400, f"Invalid value for '{where}': not valid Unicode (a lone surrogate)", param=where,
+                       code="invalid_value")
+
+
+def _admit(head: Head, n: int) -> Ticket:
+    """A place in the engine's batch or its queue for `n` sequences, or 429 when both are full."""
+    ticket = head.admission.enter(n)
+    if ticket is None:
+        raise ApiError(
+            429,
+            f"Too many requests: {head.admission.limit} are running or waiting; retry shortly",
+            type_="rate_limit_error",
+            code="too_many_requests",
+            headers={"Retry-After": str(head.timing.recovery.RETRY_AFTER_S)},
+        )
+    return ticket
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read: `receive` now waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _check_model(head: Head, model: str) -> None:
     if model != head.model_id:
         raise ApiError(
@@ -743,7 +828,8 @@ async def models(head: Head = Depends(get_head)) -> dict[str, Any]:
 
 
 @router.post("/v1/chat/completions")
-async def chat(req: ChatRequest, head: Head = Depends(get_head)) -> Response:
+async def chat(req: ChatRequest, request: Request, head: Head = Depends(get_head)) -> Response:
+    _check_text(req)
     _check_model(head, req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs to be true", param="top_logprobs", code="invalid_value")
@@ -761,14 +847,25 @@ async def chat(req: ChatRequest, head: Head = Depends(get_head)) -> Response:
         raise _schema_error(exc, "tools") from None
     grammar = plan.grammar or fmt_grammar
     _check_grammar(head, grammar, param="tools" if plan.grammar else "response_format")
+    ticket = _admit(head, req.n)
     try:
-        prompt = head.tokenizer.format_chat(plan.messages, tools=plan.template_tools)
+        # Off the event loop (it also serves the control plane): a large prompt takes a while.
+        prompt, tokens = await asyncio.get_running_loop().run_in_executor(
+            head.text_pool, lambda: head.tokenizer.encode_chat(plan.messages, tools=plan.template_tools)
+        )
     except TemplateError as exc:
+        ticket.release()
         raise ApiError(400, str(exc), param="messages", code="invalid_messages") from None
-    tokens = head.tokenizer.encode(prompt.text, add_bos=prompt.add_bos)
+    except BaseException:
+        ticket.release()
+        raise
     max_tokens = req.max_completion_tokens or req.max_tokens
     param = ("max_completion_tokens" if req.max_completion_tokens else "max_tokens") if max_tokens else "messages"
-    budget = _budget(head, len(tokens), max_tokens, param)
+    try:
+        budget = _budget(head, len(tokens), max_tokens, param)
+    except ApiError:
+        ticket.release()
+        raise
     keep = frozenset(t for t in (head.tokenizer.special_token(m) for m in plan.preserve) if t is not None)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     out = _Output(logprobs=req.logprobs, tools=plan if plan.parse else None, keep=keep)
@@ -782,12 +879,13 @@ async def chat(req: ChatRequest, head: Head = Depends(get_head)) -> Response:
     return await _respond(
         head, prompt_len=len(tokens), choices=choices,
         body=Completion(chat=True, model=head.model_id, tokenizer=head.tokenizer, keep=keep),
-        stream=req.stream, include_usage=req.include_usage,
+        stream=req.stream, include_usage=req.include_usage, request=request, ticket=ticket,
     )
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, head: Head = Depends(get_head)) -> Response:
+async def completions(req: CompletionRequest, request: Request, head: Head = Depends(get_head)) -> Response:
+    _check_text(req)
     _check_model(head, req.model)
     if req.echo:
         raise ApiError(400, "echo is not supported", param="echo", code="unsupported_parameter")
@@ -801,7 +899,11 @@ async def completions(req: CompletionRequest, head: Head = Depends(get_head)) ->
     if isinstance(p, str):
         if not p:
             raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-        tokens = head.tokenizer.encode(p, add_bos=True)
+        # A raw prompt is the client's own template: its special tokens are meant as such.
+        text = p
+        tokens = await asyncio.get_running_loop().run_in_executor(
+            head.text_pool, lambda: head.tokenizer.encode(text, add_bos=True)
+        )
     else:
         tokens = [int(t) for t in p]
         if not tokens:
@@ -811,6 +913,7 @@ async def completions(req: CompletionRequest, head: Head = Depends(get_head)) ->
     grammar = _format_grammar(req)
     _check_grammar(head, grammar, param="response_format")
     budget = _budget(head, len(tokens), req.max_tokens, "max_tokens")
+    ticket = _admit(head, req.n)
     out = _Output(logprobs=req.logprobs is not None)
     choices = [
         _Choice(head, index=i, stops=list(req.stop or []), out=out,  # type: ignore[arg-type]
@@ -821,5 +924,5 @@ async def completions(req: CompletionRequest, head: Head = Depends(get_head)) ->
     return await _respond(
         head, prompt_len=len(tokens), choices=choices,
         body=Completion(chat=False, model=head.model_id, tokenizer=head.tokenizer),
-        stream=req.stream, include_usage=req.include_usage,
+        stream=req.stream, include_usage=req.include_usage, request=request, ticket=ticket,
     )
