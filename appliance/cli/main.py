@@ -172,7 +172,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         nodes.insert(0, NodeCapacity(name="head", free_bytes=_bytes_arg(args.head), is_head=True))
     if not nodes:
         raise CliError("give at least one --node NAME=MEM (or --head MEM)")
-    plan = make_plan(nodes=nodes, profile=prof, n_ctx=args.ctx, strategy=args.strategy)
+    plan = make_plan(nodes=nodes, profile=prof, n_ctx=args.ctx, strategy=args.strategy, lanes=args.lanes)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -189,7 +189,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"tensor_split={plan.tensor_split} n_gpu_layers={plan.n_gpu_layers} output on {plan.output_node}")
     print("if a node is lost (its layers go to its neighbours; the workers pre-stage them):")
     for a in plan.rpc_assignments:
-        after = replan_without(plan, nodes=[n for n in nodes if n.name != a.node], profile=prof, n_ctx=plan.n_ctx)
+        after = replan_without(plan, nodes=[n for n in nodes if n.name != a.node], profile=prof, n_ctx=plan.n_ctx,
+                               lanes=plan.lanes)
         moves = f"{fmt_bytes(moved_bytes(plan, after, prof))} of weights move" if after else "a fresh plan is needed"
         print(f"  {a.node:<12} {moves}")
     return 0
@@ -258,6 +259,7 @@ def cmd_head(args: argparse.Namespace) -> int:
         head_memory_bytes=_bytes_arg(str(args.head_memory)) if args.head_memory else 0,
         strategy=args.strategy,
         engine_threads=args.threads,
+        engine_lanes=args.lanes,
         api_key=args.api_key or os.environ.get("ANYWAY_API_KEY") or None,
         max_body_bytes=args.max_body,
         run_dir=args.run_dir or "",
@@ -361,16 +363,17 @@ def format_status(s: "ClusterStatus") -> str:
     lines += [
         "",
         f"{'NODE':<14} {'STATE':<10} {'ADDRESS':<22} {'HB AGE':>7} {'LAYERS':<9} {'FREE':>10} {'PLANNED':>10}"
-        f" {'IF LOST':>16}  VERSION",
+        f" {'BUSY':>5} {'IF LOST':>16}  VERSION",
     ]
     for n in s.nodes:
         layers = f"{n.layers[0]}-{n.layers[1] - 1}" if n.layers else "-"
         f = n.failover
         lost = "-" if f is None else (fmt_bytes(f.bytes) + (" staged" if f.staged else "") if f.possible else "re-plan")
+        busy = "-" if n.load.rpc_busy is None else f"{n.load.rpc_busy:.0%}"
         lines.append(
             f"{n.name:<14} {n.state.value:<10} {str(n.rpc_endpoint or n.address):<22} "
             f"{n.heartbeat_age_s:>6.1f}s {layers:<9} {fmt_bytes(n.memory.free_bytes):>10} "
-            f"{fmt_bytes(n.memory.planned_bytes):>10} {lost:>16}  {n.versions.package or '?'}"
+            f"{fmt_bytes(n.memory.planned_bytes):>10} {busy:>5} {lost:>16}  {n.versions.package or '?'}"
             + (f"  ({n.reason})" if n.reason else "")
         )
     return "\n".join(lines)
@@ -430,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head", metavar="MEM", help="memory the head's own CPU lends to layers")
     s.add_argument("--ctx", type=int, default=DEFAULT_N_CTX, help="context size in tokens")
     s.add_argument("--strategy", choices=["memory", "proportional", "speed"], default="proportional")
+    s.add_argument("--lanes", type=int, default=1, help="engine lanes (each has its compute buffers on every node)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
@@ -452,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_API_PORT, help="API port")
     s.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="context per request, tokens")
     s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="requests decoded together")
+    s.add_argument("--lanes", type=int, default=1,
+                   help="engine contexts decoding at once over the same weights: concurrent requests keep "
+                        "every worker busy (try the number of workers)")
     s.add_argument("--max-queued", type=int, default=32,
                    help="requests waiting for a place in the batch; more get 429 with Retry-After")
     s.add_argument("--head-memory", default="", help="memory the head's CPU lends to layers (0: none)")

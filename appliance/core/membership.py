@@ -78,7 +78,9 @@ class Node:
 
 
 MAX_DEVICES = 16
-LOAD_FIELDS = ("cpu_percent", "ram_percent", "loadavg_1m", "rpc_rss_bytes", "rpc_read_bytes", "gpu_mem_percent")
+LOAD_FIELDS = (
+    "cpu_percent", "ram_percent", "loadavg_1m", "rpc_rss_bytes", "rpc_read_bytes", "rpc_busy", "gpu_mem_percent"
+)
 
 
 def _finite(v: Any) -> bool:
@@ -283,6 +285,8 @@ class Membership:
         load = body.get("load")
         if isinstance(load, dict):
             node.load = {k: float(v) for k in LOAD_FIELDS if _finite(v := load.get(k)) and v >= 0}
+            if "rpc_busy" in node.load:
+                node.load["rpc_busy"] = min(node.load["rpc_busy"], 1.0)  # a fraction, whatever was sent
         cache = body.get("cache")
         if isinstance(cache, dict):
             node.cache = _cache_report(cache)

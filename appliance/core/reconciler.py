@@ -132,9 +132,11 @@ def _capacities(usable: Sequence[NodeView], head_memory: int) -> list[NodeCapaci
 
 
 def _plan_for(
-    usable: Sequence[NodeView], *, profile: ModelProfile, n_ctx: int, head_memory: int, strategy: Strategy
+    usable: Sequence[NodeView], *, profile: ModelProfile, n_ctx: int, head_memory: int, strategy: Strategy, lanes: int
 ) -> Plan:
-    return make_plan(nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx, strategy=strategy)
+    return make_plan(
+        nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx, strategy=strategy, lanes=lanes
+    )
 
 
 def failover_plan(
@@ -144,7 +146,9 @@ def failover_plan(
     rest of the current plan's nodes), or None if the survivors could not hold the model
     that way. What the head pre-stages on the survivors' disks."""
     survivors = [n for n in nodes if n.name != lost and n.name in {a.node for a in current.assignments}]
-    return replan_without(current, nodes=_capacities(survivors, head_memory), profile=profile, n_ctx=n_ctx)
+    return replan_without(
+        current, nodes=_capacities(survivors, head_memory), profile=profile, n_ctx=n_ctx, lanes=current.lanes
+    )
 
 
 def desired_state(
@@ -154,6 +158,7 @@ def desired_state(
     n_ctx: int,
     head_memory: int = 0,
     strategy: Strategy = "proportional",
+    lanes: int = 1,
     current: Plan | None = None,
     current_considered: frozenset[str] = frozenset(),
     force_replan: bool = False,
@@ -217,7 +222,9 @@ def desired_state(
         why = "no worker is ready" + (f" ({', '.join(sorted(waiting))} joining)" if waiting else "")
         if head_memory > 0:
             try:
-                plan = _plan_for([], profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy)
+                plan = _plan_for(
+                    [], profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy, lanes=lanes
+                )
                 return Desired(plan=plan, considered=frozenset())
             except PlanError as exc:
                 return Desired(plan=None, degraded=f"{why}; {exc}", no_workers=True)
@@ -225,11 +232,15 @@ def desired_state(
     if current is not None and not force_replan and lost:
         # A node was lost: move as few layers as possible (its layers go to its neighbours);
         # nodes outside the old plan join later, at a growth re-plan.
-        stable = replan_without(current, nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx)
+        stable = replan_without(
+            current, nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx, lanes=lanes
+        )
         if stable is not None:
             return Desired(plan=stable, considered=usable_names & (current_considered | {a.node for a in stable.assignments}))
     try:
-        plan = _plan_for(usable, profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy)
+        plan = _plan_for(
+            usable, profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy, lanes=lanes
+        )
     except PlanError as exc:
         return Desired(plan=None, considered=usable_names, degraded=str(exc))
     if current is not None and plan.key() == current.key():

@@ -38,6 +38,51 @@ from appliance.engine.sampling import SamplerChain, SamplingError
 N_BATCH = 512
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """The weights, placed over the plan's workers; one or several contexts use them."""
+
+    ll: Any
+    model: Any
+    vocab: Any
+    n_vocab: int
+
+
+def load_model(*, model_path: str, plan: Plan, send: Callable[[ep.Message], None]) -> LoadedModel:
+    """Register the plan's RPC servers and load the weights onto them, reporting progress."""
+    import llama_cpp
+    from llama_cpp import _logger as llama_logger
+
+    from appliance.common import ggml  # imports llama_cpp: only the engine process needs it
+
+    llama_logger.set_verbose(os.environ.get("ANYWAY_LLAMA_VERBOSE") == "1")
+    llama_cpp.llama_backend_init()
+    ll = llama_cpp
+    endpoints = plan.rpc_endpoints
+    if endpoints:
+        ggml.register_rpc_servers(endpoints)
+    mparams = ll.llama_model_default_params()
+    mparams.n_gpu_layers = plan.n_gpu_layers
+    split = plan.tensor_split
+    split_arr = (ctypes.c_float * ll.LLAMA_MAX_DEVICES)(*(split + [0.0] * (ll.LLAMA_MAX_DEVICES - len(split))))
+    mparams.tensor_split = split_arr
+    last = [-1.0]
+
+    def on_progress(fraction: float, _user: Any) -> bool:
+        if fraction - last[0] >= 0.02 or fraction >= 1.0:
+            last[0] = fraction
+            send(ep.Progress(fraction=round(float(fraction), 4)))
+        return True
+
+    progress_cb = ll.llama_progress_callback(on_progress)
+    mparams.progress_callback = progress_cb
+    model = ll.llama_model_load_from_file(model_path.encode(), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {model_path} with plan over {endpoints}")
+    vocab = ll.llama_model_get_vocab(model)
+    return LoadedModel(ll=ll, model=model, vocab=vocab, n_vocab=int(ll.llama_vocab_n_tokens(vocab)))
+
+
 @dataclass
 class Sequence:
     rid: str
@@ -65,13 +110,16 @@ class Engine:
         max_batch: int,
         n_threads: int,
         send: Callable[[ep.Message], None],
+        model: "LoadedModel | None" = None,
     ) -> None:
+        """`model`: weights already loaded (shared by several engines, appliance.engine.lanes)."""
         self.model_path = model_path
         self.plan = plan
         self.n_ctx_seq = n_ctx_seq
         self.max_batch = max(1, max_batch)
         self.n_threads = n_threads
         self.send = send
+        self.model = model
         self.queue: deque[Sequence] = deque()
         self.active: dict[str, Sequence] = {}
         self.free_slots = list(range(self.max_batch))
@@ -82,40 +130,12 @@ class Engine:
 
     # ---------------------------------------------------------------- load
     def load(self) -> None:
-        import llama_cpp
-        from llama_cpp import _logger as llama_logger
-
-        from appliance.common import ggml  # imports llama_cpp: only the engine process needs it
-
-        llama_logger.set_verbose(os.environ.get("ANYWAY_LLAMA_VERBOSE") == "1")
-        llama_cpp.llama_backend_init()
-        ll = llama_cpp
-        endpoints = self.plan.rpc_endpoints
-        if endpoints:
-            ggml.register_rpc_servers(endpoints)
-
-        mparams = ll.llama_model_default_params()
-        mparams.n_gpu_layers = self.plan.n_gpu_layers
-        split = self.plan.tensor_split
-        self._split = (ctypes.c_float * ll.LLAMA_MAX_DEVICES)(*(split + [0.0] * (ll.LLAMA_MAX_DEVICES - len(split))))
-        mparams.tensor_split = self._split
-        last = [-1.0]
-
-        def on_progress(fraction: float, _user: Any) -> bool:
-            if fraction - last[0] >= 0.02 or fraction >= 1.0:
-                last[0] = fraction
-                self.send(ep.Progress(fraction=round(float(fraction), 4)))
-            return True
-
-        self._progress_cb = ll.llama_progress_callback(on_progress)
-        mparams.progress_callback = self._progress_cb
-        model = ll.llama_model_load_from_file(self.model_path.encode(), mparams)
-        if not model:
-            raise RuntimeError(f"llama.cpp could not load {self.model_path} with plan over {endpoints}")
-        self.model = model
-        self.vocab = ll.llama_model_get_vocab(model)
-        self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
-
+        """Load the model over the plan's workers (or take the one given), then make a context."""
+        if self.model is None:
+            self.model = load_model(model_path=self.model_path, plan=self.plan, send=self.send)
+        m = self.model
+        ll = m.ll
+        self.vocab, self.n_vocab = m.vocab, m.n_vocab
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = self.n_ctx_seq * self.max_batch
         cparams.n_batch = N_BATCH
@@ -126,7 +146,7 @@ class Engine:
         cpu = os.cpu_count() or 1
         cparams.n_threads = self.n_threads or max(cpu // 2, 1)
         cparams.n_threads_batch = self.n_threads or cpu
-        ctx = ll.llama_init_from_model(model, cparams)
+        ctx = ll.llama_init_from_model(m.model, cparams)
         if not ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory on a node?)")
         self.ctx = ctx

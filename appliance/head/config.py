@@ -33,6 +33,9 @@ class HeadConfig:
     """Per-request completion limit (0: up to the context)."""
     engine_threads: int = 0
     """llama.cpp threads in the engine (0: its default)."""
+    engine_lanes: int = 1
+    """Contexts decoding at once over the same weights, so concurrent requests keep every
+    worker busy (appliance.engine.lanes); 1: one context."""
     api_key: str | None = None
     """Bearer token required on /v1 (None: open)."""
     max_body_bytes: int = 1 << 20

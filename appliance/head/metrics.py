@@ -34,6 +34,12 @@ class Metrics:
         self.abandoned = Counter(
             "anyway_requests_abandoned_total", "Requests whose client left before the answer (decoding stopped)", registry=r
         )
+        self.worker_busy = Gauge(
+            "anyway_worker_busy_ratio",
+            "Fraction of wall time each worker's RPC server computed (last heartbeat interval)",
+            ["node"],
+            registry=r,
+        )
         self.task_restarts = Counter(
             "anyway_head_task_restarts_total", "Head tasks restarted after an unexpected error", ["task"], registry=r
         )

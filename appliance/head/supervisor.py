@@ -238,6 +238,7 @@ class Head:
             n_ctx=self.cfg.n_ctx * self.cfg.max_batch,
             head_memory=self.cfg.head_memory_bytes,
             strategy=self.cfg.strategy,  # type: ignore[arg-type]
+            lanes=max(1, min(self.cfg.engine_lanes, self.cfg.max_batch)),
             current=eng.plan if use_current else None,
             current_considered=eng.considered if use_current else frozenset(),
             force_replan=force,
@@ -351,6 +352,10 @@ class Head:
         counts[Liveness.REFUSED.value] = len(self.membership.refused)
         for state, c in counts.items():
             self.metrics.nodes.labels(state=state).set(c)
+        self.metrics.worker_busy.clear()
+        for n in self.membership.nodes.values():
+            if (busy := n.load.get("rpc_busy")) is not None:
+                self.metrics.worker_busy.labels(node=n.name).set(busy)
         for s in EngineState:
             self.metrics.engine_state.labels(state=s.value).set(1 if self.engine.state == s else 0)
         self.metrics.in_flight.set(len(self.router.requests))

@@ -117,6 +117,11 @@ class WorkerAgent:
             pass
         if self.rpc.proc is not None and self.rpc.proc.returncode is None:
             out["rpc_rss_bytes"] = self.rpc.rss()
+            busy = self.rpc.busy.sample(
+                cpu_s=self.rpc.cpu_seconds(), now_s=time.monotonic(), threads=self.rpc.compute_threads
+            )
+            if busy is not None:
+                out["rpc_busy"] = busy  # fraction of wall time its server computed since the last report
             read = self.rpc.read_bytes()
             if read is not None:
                 out["rpc_read_bytes"] = read  # what its server received and read from its cache
