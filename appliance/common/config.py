@@ -77,6 +77,11 @@ class RecoveryTiming:
     """Before the first plan, wait this long for nodes still joining (plan once, not twice)."""
     RPC_PROBE_TIMEOUT_S: float = 0.5
     """A TCP connect to a worker's RPC port that takes longer counts as no answer."""
+    RPC_START_PROBE_GRACE_S: float = 3.0
+    """Before an engine starts, a worker's RPC port that does not answer is tried again for this
+    long before the node is suspected: ggml's RPC server serves one client at a time and queues
+    one more, so right after the old engine left (its buffers still being freed on a big
+    model) or while probes fill that queue, a healthy server can take a moment to accept."""
     RPC_PROBE_AFTER_S: tuple[float, ...] = (0.0, 0.05, 0.2, 0.5, 1.0)
     """After a control connection drops or the engine dies, probe the plan's RPC ports at these
     delays (a killed box's processes do not all vanish in the same millisecond)."""

@@ -67,10 +67,22 @@ class RpcProber:
         return result
 
     async def before_start(self, plan: Plan) -> bool:
-        """Before loading, check each worker's RPC port answers; suspect those that don't."""
-        results = await asyncio.gather(
-            *(self.probe_one(a.node, a.endpoint or "", mark_unanswered=True) for a in plan.rpc_assignments)
-        )
+        """Before loading, check each worker's RPC port answers. A refused port is suspected at
+        once; one that does not answer is tried again for RPC_START_PROBE_GRACE_S (its server
+        may still be finishing with the previous engine) and then suspected."""
+
+        async def check(name: str, endpoint: str) -> Reach:
+            deadline = time.monotonic() + self.t.RPC_START_PROBE_GRACE_S
+            delay = 0.1
+            while True:
+                last = time.monotonic() + self.t.RPC_PROBE_TIMEOUT_S >= deadline
+                result = await self.probe_one(name, endpoint, mark_unanswered=last)
+                if result != Reach.UNREACHABLE or last:
+                    return result
+                await asyncio.sleep(min(delay, max(deadline - time.monotonic() - self.t.RPC_PROBE_TIMEOUT_S, 0)))
+                delay = min(delay * 2, 1.0)
+
+        results = await asyncio.gather(*(check(a.node, a.endpoint or "") for a in plan.rpc_assignments))
         return all(r == Reach.OPEN for r in results)
 
     async def loop(self) -> None:
