@@ -162,6 +162,19 @@ def _parse_node(spec: str) -> Any:
     return NodeCapacity(name=name, free_bytes=free, speed=sp, endpoint=f"{name}:{DEFAULT_RPC_PORT}")
 
 
+def _lanes_arg(text: str) -> int:
+    """--lanes: a positive number, or 'auto' (0: one per node holding layers)."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("lanes must be at least 1 (or 'auto')")
+    return n
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from appliance.common.modelfile import load_profile
     from appliance.core.planner import NodeCapacity, fmt_bytes, make_plan, moved_bytes, replan_without
@@ -456,9 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_API_PORT, help="API port")
     s.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="context per request, tokens")
     s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="requests decoded together")
-    s.add_argument("--lanes", type=int, default=1,
-                   help="engine contexts decoding at once over the same weights: concurrent requests keep "
-                        "every worker busy (try the number of workers)")
+    s.add_argument("--lanes", type=_lanes_arg, default=1,
+                   help="engine contexts decoding at once over the same weights, so concurrent requests keep "
+                        "every worker busy: a number, or 'auto' (one per node holding layers)")
     s.add_argument("--max-queued", type=int, default=32,
                    help="requests waiting for a place in the batch; more get 429 with Retry-After")
     s.add_argument("--head-memory", default="", help="memory the head's CPU lends to layers (0: none)")

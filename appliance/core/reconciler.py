@@ -159,6 +159,7 @@ def desired_state(
     head_memory: int = 0,
     strategy: Strategy = "proportional",
     lanes: int = 1,
+    max_lanes: int = 64,
     current: Plan | None = None,
     current_considered: frozenset[str] = frozenset(),
     force_replan: bool = False,
@@ -174,6 +175,11 @@ def desired_state(
     """
     by_name = {n.name: n for n in nodes}
     usable = [n for n in nodes if n.usable]
+    # Engine lanes (appliance.engine.lanes): 0 means one per node that can hold layers, so
+    # concurrent requests can keep each busy; a stable re-plan keeps the lanes it had.
+    if lanes <= 0:
+        lanes = len(usable) + (1 if head_memory > 0 else 0)
+    lanes = max(1, min(lanes, max_lanes))
     usable_names = frozenset(n.name for n in usable)
     # Nodes that just announced themselves: plan once they are in, not twice.
     gathering = sorted(
@@ -233,7 +239,7 @@ def desired_state(
         # A node was lost: move as few layers as possible (its layers go to its neighbours);
         # nodes outside the old plan join later, at a growth re-plan.
         stable = replan_without(
-            current, nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx, lanes=lanes
+            current, nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx, lanes=current.lanes
         )
         if stable is not None:
             return Desired(plan=stable, considered=usable_names & (current_considered | {a.node for a in stable.assignments}))

@@ -35,7 +35,8 @@ class HeadConfig:
     """llama.cpp threads in the engine (0: its default)."""
     engine_lanes: int = 1
     """Contexts decoding at once over the same weights, so concurrent requests keep every
-    worker busy (appliance.engine.lanes); 1: one context."""
+    worker busy (appliance.engine.lanes); 1: one context; 0: one per node holding layers.
+    Never more than max_batch (each lane holds at least one sequence)."""
     api_key: str | None = None
     """Bearer token required on /v1 (None: open)."""
     max_body_bytes: int = 1 << 20

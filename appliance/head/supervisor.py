@@ -238,7 +238,8 @@ class Head:
             n_ctx=self.cfg.n_ctx * self.cfg.max_batch,
             head_memory=self.cfg.head_memory_bytes,
             strategy=self.cfg.strategy,  # type: ignore[arg-type]
-            lanes=max(1, min(self.cfg.engine_lanes, self.cfg.max_batch)),
+            lanes=self.cfg.engine_lanes,
+            max_lanes=self.cfg.max_batch,
             current=eng.plan if use_current else None,
             current_considered=eng.considered if use_current else frozenset(),
             force_replan=force,
