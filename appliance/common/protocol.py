@@ -2,7 +2,8 @@
 
 Every message is three frames: [PROTOCOL, TYPE, JSON body]. The ROUTER side sees the
 sender's routing id as an extra first frame. Anything else (wrong frame count, unknown
-protocol or type, a body that is not a JSON object or is too large) is rejected by
+protocol or type, a body that is not a JSON object or is too large, nested too deeply, or
+holding NaN, Infinity, a float beyond range or an integer of absurd length) is rejected by
 `decode` with `BadFrame`; callers log it and drop it, never crash.
 
 Worker -> head: HELLO (announce), HEARTBEAT (liveness + load), RPC_READY, BYE.
@@ -13,6 +14,7 @@ HEARTBEAT, REANNOUNCE (head does not know you: say HELLO again, e.g. after a hea
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,9 @@ REANNOUNCE = b"REANNOUNCE"
 WORKER_TYPES = frozenset({HELLO, HEARTBEAT, RPC_READY, BYE})
 HEAD_TYPES = frozenset({WELCOME, REFUSE, HEARTBEAT, REANNOUNCE})
 MAX_BODY_BYTES = 64 * 1024
+MAX_INT_DIGITS = 24
+"""Integers longer than this are no byte count or port a box sends (and Python would happily
+build a 64 KiB one that no float can hold)."""
 
 
 class BadFrame(ValueError):
@@ -47,8 +52,25 @@ class Message:
     body: dict[str, Any]
 
 
+def _no_constant(name: str) -> Any:
+    raise BadFrame(f"body holds {name}, which is not a number a box sends")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadFrame(f"body holds {text[:32]}, beyond the range of a float")
+    return value
+
+
+def _short_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BadFrame(f"body holds an integer of {len(text)} digits")
+    return int(text)
+
+
 def encode(msg_type: bytes, body: dict[str, Any] | None = None) -> list[bytes]:
-    return [PROTOCOL, msg_type, json.dumps(body or {}, separators=(",", ":")).encode()]
+    return [PROTOCOL, msg_type, json.dumps(body or {}, separators=(",", ":"), allow_nan=False).encode()]
 
 
 def decode(frames: list[bytes], *, allowed: frozenset[bytes]) -> Message:
@@ -65,9 +87,11 @@ def decode(frames: list[bytes], *, allowed: frozenset[bytes]) -> Message:
     if len(raw) > MAX_BODY_BYTES:
         raise BadFrame(f"body too large ({len(raw)} bytes)")
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadFrame(f"body is not JSON: {exc}") from None
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_short_int)
+    except BadFrame:
+        raise
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and int() beyond its digit limit
+        raise BadFrame(f"body is not JSON: {str(exc)[:200]}") from None
     except RecursionError:
         raise BadFrame("body is nested too deeply") from None
     if not isinstance(body, dict):
