@@ -90,6 +90,13 @@ class RecoveryTiming:
     """At most one `refused` event per remote endpoint per this (a refused node retries)."""
     BAD_FRAME_LOG_INTERVAL_S: float = 1.0
     """At most one log line per this for malformed control frames (they are all counted)."""
+    CONTROL_MESSAGES_PER_S: float = 50.0
+    """A node sends about two control messages a second; past this rate (sustained) the rest of
+    its messages are dropped as a flood and counted as bad frames ..."""
+    CONTROL_BURST_MESSAGES: int = 200
+    """... after a burst of this many (a reconnect, a backlog after a pause)."""
+    KEYS_RELOAD_INTERVAL_S: float = 0.5
+    """How often the head checks its allow-list (DIR/nodes) for added and revoked node keys."""
     THROUGHPUT_WINDOW_S: float = 5.0
     """tokens/s in /v1/cluster is averaged over this window."""
     GROWTH_DEFER_MAX_S: float = 30.0

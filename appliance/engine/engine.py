@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from appliance.common import engine_protocol as ep
+from appliance.common.dataplane import TunnelSpec
 from appliance.core.planner import Plan
 
 N_BATCH = 512
@@ -61,8 +62,10 @@ class Engine:
         max_batch: int,
         n_threads: int,
         send: Callable[[ep.Message], None],
+        tunnels: TunnelSpec | None = None,
     ) -> None:
         self.model_path = model_path
+        self.tunnels = tunnels
         self.plan = plan
         self.n_ctx_seq = n_ctx_seq
         self.max_batch = max(1, max_batch)
@@ -85,6 +88,10 @@ class Engine:
         llama_cpp.llama_backend_init()
         ll = llama_cpp
         endpoints = self.plan.rpc_endpoints
+        if endpoints and self.tunnels is not None:
+            from appliance.common.dataplane import open_tunnels
+
+            endpoints = open_tunnels(self.tunnels, endpoints)  # TLS relays to the workers (docs/SECURITY.md)
         if endpoints:
             ggml.register_rpc_servers(endpoints)
 

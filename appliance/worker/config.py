@@ -29,4 +29,10 @@ class WorkerConfig:
     """HOST:PORT the head dials instead (NAT, port forward, proxy)."""
     device: str = "auto"
     """Which ggml device the RPC server exposes: auto, cpu, gpu, or an index/name."""
+    keys_dir: str = ""
+    """This node's keys (node.key_secret, server.key); "" only with --insecure."""
+    data_plane: str = "tls"
+    """"tls": the C RPC server on loopback behind the authenticated, encrypted channel;
+    "plain": the C server itself on the RPC address, which must then be a loopback address
+    (`anyway up`), or anything with --insecure (no keys at all; development only)."""
     timing: Timing = field(default_factory=Timing)
