@@ -80,6 +80,9 @@ class RecoveryTiming:
     RPC_PROBE_AFTER_S: tuple[float, ...] = (0.0, 0.05, 0.2, 0.5, 1.0)
     """After a control connection drops or the engine dies, probe the plan's RPC ports at these
     delays (a killed box's processes do not all vanish in the same millisecond)."""
+    RPC_PROBE_TRIGGER_GAP_S: float = 0.04
+    """Probe triggers (dropped control connections) closer together than this share one series of
+    rounds: a peer that connects and disconnects in a loop cannot make the head probe without end."""
     REQUEST_RECOVERY_TIMEOUT_S: float = 120.0
     """How long a request waits for a healed engine before it gets 503."""
     RETRY_AFTER_S: int = 5
