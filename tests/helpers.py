@@ -82,9 +82,7 @@ def node_dealer(cluster, name: str):  # type: ignore[no-untyped-def]
     first use, like `anyway keys add`): an authenticated peer that may only speak as `name`."""
     import zmq
 
-    from appliance.common.keys import load_worker_keys
-
-    from appliance.common.keys import NODES_DIR
+    from appliance.common.keys import NODES_DIR, load_worker_keys
 
     issued = (cluster.keys / NODES_DIR / f"{name}.key").exists()
     keys = load_worker_keys(cluster.node_keys(name))

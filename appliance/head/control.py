@@ -67,6 +67,8 @@ class _Bucket:
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if len(self.tokens) > 4096:  # senders come and go (reconnects): forget the idle ones
             self.tokens = {k: v for k, v in self.tokens.items() if now - v[1] < 60}
+            if len(self.tokens) > 4096:  # a storm of fresh identities (only without keys): start over
+                self.tokens.clear()
         if tokens < 1.0:
             self.tokens[who] = (tokens, now)
             return False
