@@ -130,12 +130,12 @@ class AuthAndCount:
                 if not is_admin:
                     open_local = self.admin is None and self.inference is None and _is_loopback(scope)
                     if not open_local:
-                        if is_inference:
-                            await self._refuse(scope, receive, send, path, 403, "the inference key cannot change the "
-                                               "cluster: drain, uncordon and reload need the admin key", "admin_key_required")
-                        elif self.admin is None:
+                        if self.admin is None:
                             await self._refuse(scope, receive, send, path, 403, "admin actions are disabled: the head has "
                                                "no admin key (ANYWAY_ADMIN_KEY or --admin-key-file)", "admin_key_required")
+                        elif is_inference:
+                            await self._refuse(scope, receive, send, path, 403, "the inference key cannot change the "
+                                               "cluster: drain, uncordon and reload need the admin key", "admin_key_required")
                         else:
                             await self._refuse(scope, receive, send, path, 401, "Incorrect API key provided", "invalid_api_key")
                         return
