@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--delay-ms", type=float, default=0.25)
     p.add_argument("--out", default=str(ROOT / "docs" / "bench-dataplane.json"))
+    p.add_argument("--doc", default=str(ROOT / "docs" / "BENCHMARKS.md"),
+                   help="write the results as this file's 'Secure data plane' section ('' for none)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.dataplane needs root (network namespaces, tc)", file=sys.stderr)
@@ -249,7 +251,46 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(results, indent=1))
     text = report(results)
     print(text)
+    if args.doc:
+        write_section(Path(args.doc), results, text)
     return 0
+
+
+SECTION = "## Secure data plane"
+
+
+def write_section(doc: Path, results: dict[str, Any], table: str) -> None:
+    """Replace (or add) the 'Secure data plane' section of BENCHMARKS.md; bench.run keeps it."""
+    body = "\n".join([
+        SECTION,
+        "",
+        "What the authenticated, encrypted data plane (TLS 1.3 in front of llama.cpp's RPC server,",
+        "docs/ARCHITECTURE.md) costs against plain TCP, measured side by side by `bench/dataplane.py`:",
+        "",
+        f"    sudo {results['cmdline']}",
+        "",
+        table,
+        "",
+        NOTES,
+    ])
+    old = doc.read_text() if doc.exists() else ""
+    start = old.find("\n" + SECTION)
+    if start < 0:
+        doc.write_text(old.rstrip() + "\n\n" + body + "\n")
+        return
+    end = old.find("\n## ", start + 1)
+    doc.write_text(old[: start + 1] + body + "\n" + (old[end:] if end >= 0 else ""))
+
+
+NOTES = """How to read it: the same two worker namespaces serve both modes at once (a plain C server on
+the box's address, and the TLS front with its C server on loopback), and bare llama.cpp in a
+fresh process per run loads the model (cold: no tensor cache) and decodes, alternating the
+modes (and which goes first) rep by rep. *Decode* is one token per step through both workers
+(one small round trip each); *cold load* streams every weight through the 1 Gbit/s cap; the
+ratio for load is a speed ratio (plain time / TLS time). Everything (head, relays, both
+workers, the shaping) shares this machine's two cores, so what TLS costs in CPU shows here more
+than on real boxes, and the numbers move with the other jobs on the machine: the load average
+before and after is in the table."""
 
 
 if __name__ == "__main__":

@@ -447,6 +447,24 @@ NOTES = """## Reading these numbers
 """
 
 
+KEPT_SECTIONS = ("## Secure data plane",)
+"""Sections of BENCHMARKS.md that other harnesses write (bench.dataplane): kept when this one rewrites the file."""
+
+
+def kept_sections(path: Path) -> str:
+    try:
+        old = path.read_text()
+    except OSError:
+        return ""
+    out = ""
+    for heading in KEPT_SECTIONS:
+        start = old.find("\n" + heading)
+        if start >= 0:
+            end = old.find("\n## ", start + 1)
+            out += "\n" + old[start + 1 : end if end >= 0 else len(old)].rstrip() + "\n"
+    return out
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -540,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     cmdline = "make bench ARGS=\"" + " ".join(sys.argv[1:]) + "\"" if argv is None else "python -m bench.run " + " ".join(argv)
     results["cmdline"] = cmdline
     report = write_report(results, out, cmdline).replace("bench.png", f"bench{suffix}.png")
+    report += kept_sections(out / f"BENCHMARKS{suffix}.md")
     (out / f"BENCHMARKS{suffix}.md").write_text(report)
     (out / f"bench{suffix}.json").write_text(json.dumps(results, indent=1))
     plot(results, out / f"bench{suffix}.png")
