@@ -15,7 +15,7 @@ OpenSSL's TLS 1.3 is kept, reviewed and fast (AES-GCM with AES-NI: hundreds of M
 thread, far above 1 Gbit/s), needs no root and no extra package on the boxes, and lives in
 the processes that already exist (see docs/ARCHITECTURE.md, "Data plane").
 
-Two ends, each an asyncio loop in a daemon thread of an existing process:
+Two ends, each an event loop (uvloop) in a daemon thread of an existing process:
 
 * `serve_tls` (worker, in the RPC server child next to the C server): accepts TLS on the LAN
   address, connects each authenticated connection to the C server on 127.0.0.1. Being in the
@@ -182,7 +182,7 @@ class Stats:
 
 
 class Relay:
-    """An asyncio loop in a daemon thread that runs the relays of one process."""
+    """An event loop (uvloop) in a daemon thread that runs the relays of one process."""
 
     def __init__(self, *, name: str) -> None:
         self.name = name
