@@ -285,9 +285,11 @@ def write_section(doc: Path, results: dict[str, Any], table: str) -> None:
 NOTES = """How to read it: the same two worker namespaces serve both modes at once (a plain C server on
 the box's address, and the TLS front with its C server on loopback), and bare llama.cpp in a
 fresh process per run loads the model (cold: no tensor cache) and decodes, alternating the
-modes (and which goes first) rep by rep. *Decode* is one token per step through both workers
-(one small round trip each); *cold load* streams every weight through the 1 Gbit/s cap; the
-ratio for load is a speed ratio (plain time / TLS time). Everything (head, relays, both
+modes (and which goes first) rep by rep. *Decode* is one token per step through both workers:
+about 14 KB to each (graph and inputs) and, from the worker holding the output layer, the
+logits back (196 KB per token with this 49k-token vocabulary), each through two relays;
+*cold load* streams every weight through the 1 Gbit/s cap; the ratio for load is a speed ratio
+(plain time / TLS time). Everything (head, relays, both
 workers, the shaping) shares this machine's two cores, so what TLS costs in CPU shows here more
 than on real boxes, and the numbers move with the other jobs on the machine: the load average
 before and after is in the table."""
