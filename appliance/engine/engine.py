@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from appliance.common import engine_protocol as ep
+from appliance.common.dataplane import TunnelSpec
 from appliance.core.planner import Plan
 from appliance.engine.sampling import SamplerChain, SamplingError
 
@@ -48,8 +49,11 @@ class LoadedModel:
     n_vocab: int
 
 
-def load_model(*, model_path: str, plan: Plan, send: Callable[[ep.Message], None]) -> LoadedModel:
-    """Register the plan's RPC servers and load the weights onto them, reporting progress."""
+def load_model(
+    *, model_path: str, plan: Plan, send: Callable[[ep.Message], None], tunnels: TunnelSpec | None = None
+) -> LoadedModel:
+    """Register the plan's RPC servers (through the TLS relays when `tunnels` names them) and load
+    the weights onto them, reporting progress."""
     import llama_cpp
     from llama_cpp import _logger as llama_logger
 
@@ -59,6 +63,10 @@ def load_model(*, model_path: str, plan: Plan, send: Callable[[ep.Message], None
     llama_cpp.llama_backend_init()
     ll = llama_cpp
     endpoints = plan.rpc_endpoints
+    if endpoints and tunnels is not None:
+        from appliance.common.dataplane import open_tunnels
+
+        endpoints = open_tunnels(tunnels, endpoints)  # TLS relays to the workers (docs/SECURITY.md)
     if endpoints:
         ggml.register_rpc_servers(endpoints)
     mparams = ll.llama_model_default_params()
@@ -111,9 +119,11 @@ class Engine:
         n_threads: int,
         send: Callable[[ep.Message], None],
         model: "LoadedModel | None" = None,
+        tunnels: TunnelSpec | None = None,
     ) -> None:
         """`model`: weights already loaded (shared by several engines, appliance.engine.lanes)."""
         self.model_path = model_path
+        self.tunnels = tunnels
         self.plan = plan
         self.n_ctx_seq = n_ctx_seq
         self.max_batch = max(1, max_batch)
@@ -132,7 +142,7 @@ class Engine:
     def load(self) -> None:
         """Load the model over the plan's workers (or take the one given), then make a context."""
         if self.model is None:
-            self.model = load_model(model_path=self.model_path, plan=self.plan, send=self.send)
+            self.model = load_model(model_path=self.model_path, plan=self.plan, send=self.send, tunnels=self.tunnels)
         m = self.model
         ll = m.ll
         self.vocab, self.n_vocab = m.vocab, m.n_vocab

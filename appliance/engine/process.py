@@ -23,6 +23,7 @@ import zmq
 from appliance.common import engine_protocol as ep
 from appliance.common import logs
 from appliance.common.config import EngineTiming
+from appliance.common.dataplane import TunnelSpec
 from appliance.common.process import die_with_parent
 from appliance.core.planner import Plan
 from appliance.engine.engine import Engine
@@ -47,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
     with open(args.plan) as fh:
         plan = Plan.from_dict(json.load(fh))
+    tunnels = None
+    if args.tunnels:
+        with open(args.tunnels) as fh:
+            tunnels = TunnelSpec.from_json(fh.read())
     send(ep.Hello(pid=os.getpid()))
     sizes = lane_batches(args.max_batch, plan.lanes)  # the plan reserved their compute buffers
     if len(sizes) > 1:
@@ -57,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for size in sizes:
             eng = Engine(model_path=args.model, plan=plan, n_ctx_seq=args.n_ctx, max_batch=size,
-                         n_threads=args.threads, send=send, model=engines[0].model if engines else None)
+                         n_threads=args.threads, send=send, model=engines[0].model if engines else None,
+                         tunnels=tunnels)
             eng.load()
             engines.append(eng)
     except Exception as exc:  # noqa: BLE001 - reported to the head, then exit
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ctx", type=int, required=True, help="context per sequence")
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--tunnels", default="", help="JSON: which plan endpoints are TLS and the certificates they pin")
     p.add_argument(
         "--heartbeat-interval", type=float, default=EngineTiming().ENGINE_HEARTBEAT_INTERVAL_S,
         help="seconds between progress heartbeats to the head",

@@ -1,5 +1,9 @@
 """The worker's ggml RPC server child: desired one server on an endpoint, actual whatever runs.
 
+With the node's keys the endpoint is a TLS listener in the child, in front of the C server
+on loopback (appliance.worker.rpc_server); either way, the endpoint accepting connections
+means the server is up, and the child exiting takes the endpoint with it.
+
 `ggml_backend_rpc_start_server` never returns and can crash, so it runs in its own
 process (appliance.worker.rpc_server). `RpcChild` starts it, waits until its port
 accepts connections, notices when it died or was stopped (SIGSTOP: a hung server), and
@@ -55,8 +59,12 @@ def busy_fraction(*, cpu_s: float, wall_s: float, threads: int) -> float:
 class RpcChild:
     """Desired: one RPC server on `endpoint`. Restarts it (with a crash-loop guard) if it dies."""
 
-    def __init__(self, *, cache_dir: str, threads: int, timing: WorkerTiming, device: str = "auto") -> None:
+    def __init__(
+        self, *, cache_dir: str, threads: int, timing: WorkerTiming, device: str = "auto", tls_keys_dir: str = ""
+    ) -> None:
+        """`tls_keys_dir`: serve the endpoint over TLS (the C server on loopback); "" for plain TCP."""
         self.device = device
+        self.tls_keys_dir = tls_keys_dir
         self.cache_dir = cache_dir
         self.threads = threads
         self.t = timing
@@ -133,6 +141,7 @@ class RpcChild:
             str(self.threads),
             "--device",
             self.device,
+            *(["--keys", self.tls_keys_dir] if self.tls_keys_dir else []),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
