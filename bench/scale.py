@@ -216,7 +216,8 @@ def restart_worker(lab: LanLab, c: LocalCluster, name: str) -> None:
 def bench_model(size: str, model: Path, lab: LanLab, tmp: Path, args: argparse.Namespace,
                 refs: dict[int, str]) -> dict[str, Any]:
     prof = load_profile(model)
-    res: dict[str, Any] = {"size": size, "file_bytes": prof.file_bytes, "n_layers": prof.n_layers}
+    res: dict[str, Any] = {"size": size, "file_bytes": prof.file_bytes, "n_layers": prof.n_layers,
+                           "command": args.cmdline, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     n_ctx = 4096
     c = lab.cluster(model, state_dir=tmp / f"c-{size}", n_ctx=n_ctx, max_batch=1, strategy="memory",
                     worker_args=["--threads", "2"])
@@ -343,6 +344,11 @@ def fmt_gb(n: float) -> str:
 
 def write_report(results: dict[str, Any], cmdline: str) -> str:
     rate = LINE_RATES.get(results["rate"], 1e9)
+    # Each model's figures may come from its own run (merged into one scale.json): name them all.
+    runs = sorted({m["command"] for m in results["models"] if m.get("command")}) or [cmdline]
+    if len(runs) > 1 or runs[0] != cmdline:
+        cmdline = "\n    ".join(runs) + "\n\n(one run per model size, results merged into docs/scale.json; then\n" \
+            "    " + cmdline.split(" ARGS")[0] + ' ARGS="--report-only")'
     lines = [
         "# Scale: load, re-plan and resume at GB-class model sizes",
         "",
@@ -353,12 +359,23 @@ def write_report(results: dict[str, Any], cmdline: str) -> str:
         f"Machine: {results['machine']}. Date: {results['date']}. Lab: head and {WORKERS} workers, each in its own",
         f"network namespace on one bridge, every link shaped to {results['rate']} with `tc tbf` in both directions",
         "(no added latency: netem is not available here). Workers are started as users start them",
-        "(`anyway worker`, one thread each); all processes share this machine's 2 cores, so compute-bound",
+        "(`anyway worker --threads 2`); all processes share this machine's 2 cores, so compute-bound",
         "numbers (decode, prefill) are far below what 3 real boxes deliver; network-bound ones (loads) are not.",
         "Models: the demo model (SmolLM2-135M, 30 layers) with identity blocks stacked after it (`python -m",
         "bench.synth identity`), so each writes exactly the demo model's text while every block is loaded,",
         "sent and computed. Bare = llama-cpp-python over the same RPC servers and layout, no appliance.",
+        "The data plane is plain TCP here on both sides (`LanLab.cluster(data_plane=\"plain\")`), so the",
+        "ratios compare the appliance's orchestration with llama.cpp's; what the TLS data plane real boxes run",
+        "adds is measured apart (docs/BENCHMARKS.md, \"Secure data plane\": decode 1.00x, cold load 0.92-0.98x",
+        "of plain's speed).",
         "",
+    ]
+    busy = [f"{m['size']}: {' / '.join(str(x) for x in m['loadavg_start'])} at its start, "
+            f"{' / '.join(str(x) for x in m.get('loadavg_end', []))} at its end"
+            for m in results["models"] if m.get("loadavg_start")]
+    if busy:
+        lines += ["Load average of the machine (1/5/15 min; other work shares it): " + "; ".join(busy) + ".", ""]
+    lines += [
         "## Loads",
         "",
         "| model | layers | cold load (appliance) | bare | ratio | head link during cold load | of line rate | warm reload | bare warm | cold / warm |",
@@ -523,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmdline = "sudo make bench-scale" + (f" ARGS=\"{' '.join(argv or sys.argv[1:])}\"" if (argv or sys.argv[1:]) else "")
+    args.cmdline = cmdline
     if args.report_only:
         results = json.loads((out / "scale.json").read_text())
     else:
@@ -538,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
             for size in args.sizes.split(","):
                 model = model_for(size, base)
                 with LanLab(workers=WORKERS, rate=args.rate) as lab:
-                    results["models"].append(bench_model(size, model, lab, tmp, args, refs))
+                    m = bench_model(size, model, lab, tmp, args, refs)
+                    m["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+                    results["models"].append(m)
                 (out / "scale.json").write_text(json.dumps(results, indent=2))
         finally:
             if args.keep:
