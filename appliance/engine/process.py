@@ -24,6 +24,7 @@ from appliance.common import logs
 from appliance.common.config import EngineTiming
 from appliance.common.process import die_with_parent
 from appliance.core.planner import Plan
+from appliance.engine.drafting import DRAFT_MAX_TOKENS
 from appliance.engine.engine import Engine
 
 log = logs.get("engine")
@@ -53,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         n_threads=args.threads,
         send=send,
+        draft_max=args.draft_max,
+        draft_model_path=args.draft_model or "",
+        draft_min=args.draft_min,
     )
     t0 = time.monotonic()
     try:
@@ -92,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         if now - last_hb >= heartbeat_s:
             last_hb = now
             send(ep.Heartbeat(active=len(eng.active), queued=len(eng.queue), steps=eng.steps, tokens=eng.tokens_out,
-                              prefilled=eng.prefilled, decodes=eng.decodes))
+                              prefilled=eng.prefilled, decodes=eng.decodes, drafted=eng.drafted,
+                              accepted=eng.accepted))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ctx", type=int, required=True, help="context per sequence")
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--draft-max", type=int, default=DRAFT_MAX_TOKENS,
+                   help="most drafted tokens checked per sequence and step (0: no speculative decoding)")
+    p.add_argument("--draft-min", type=int, default=0,
+                   help="check at least this many drafted tokens whenever there are drafts (overrides the adaptive length)")
+    p.add_argument("--draft-model", default="", help="small GGUF model with the same vocabulary that drafts tokens")
     p.add_argument(
         "--heartbeat-interval", type=float, default=EngineTiming().ENGINE_HEARTBEAT_INTERVAL_S,
         help="seconds between progress heartbeats to the head",
