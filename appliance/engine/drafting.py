@@ -63,7 +63,10 @@ one-token pass; the prior weighs as much as one observed step."""
 SPECULATION_MARGIN = 0.03
 """Drafts are checked only when the expected tokens/s beats plain decoding by this fraction."""
 DRAFT_PROBE_STEPS = 16
-"""A sequence whose draft model drafts are off has it guess one token (unchecked) this often."""
+"""A sequence whose draft model drafts are off has it guess one token (unchecked) this often ..."""
+DRAFT_PROBE_EVIDENCE_TOKENS = 6
+"""... and at every step while its acceptance estimate rests on fewer checked tokens than this
+(a new request learns within a few steps whether the draft model guesses its text)."""
 
 
 def expected_tokens(rate: float, k: int) -> float:
@@ -79,17 +82,19 @@ def expected_tokens(rate: float, k: int) -> float:
 class Acceptance:
     """How often one sequence's drafted tokens are accepted: decayed counts with a prior."""
 
-    __slots__ = ("hits", "trials")
+    __slots__ = ("hits", "trials", "checked")
 
     def __init__(self) -> None:
         self.hits = ACCEPTANCE_PRIOR_HITS
         self.trials = ACCEPTANCE_PRIOR_TRIALS
+        self.checked = 0  # tokens checked so far (drafted or shadow)
 
     def record(self, *, drafted: int, accepted: int) -> None:
         """`accepted` of `drafted` tokens were accepted (a run: the first miss ends it)."""
         if drafted <= 0:
             return
         trials = accepted + (1 if accepted < drafted else 0)
+        self.checked += trials
         keep = ACCEPTANCE_DECAY**trials
         self.hits = self.hits * keep + accepted
         self.trials = self.trials * keep + trials

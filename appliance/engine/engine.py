@@ -42,6 +42,7 @@ from appliance.common import engine_protocol as ep
 from appliance.core.planner import Plan
 from appliance.engine.drafting import (
     DRAFT_MAX_TOKENS,
+    DRAFT_PROBE_EVIDENCE_TOKENS,
     DRAFT_PROBE_STEPS,
     DraftModel,
     PassCost,
@@ -417,7 +418,8 @@ class Engine:
     def _shadow(self, running: list[Sequence], avail: list[int]) -> None:
         """No drafts this step: remember an unchecked guess of each sequence's next token, so
         its acceptance estimate keeps up with the text (and drafting can resume). Prompt lookup
-        guesses for free; the draft model only every DRAFT_PROBE_STEPS steps."""
+        guesses for free; the draft model every DRAFT_PROBE_STEPS steps (every step until it has
+        checked DRAFT_PROBE_EVIDENCE_TOKENS tokens of the sequence)."""
         model = self.draft_model
         due: list[Sequence] = []
         for s, a in zip(running, avail):
@@ -429,7 +431,7 @@ class Engine:
                 spec.drafts = []
             elif a > 0:
                 spec.idle_steps += 1
-                if spec.idle_steps >= DRAFT_PROBE_STEPS:
+                if spec.idle_steps >= DRAFT_PROBE_STEPS or spec.acceptance.checked < DRAFT_PROBE_EVIDENCE_TOKENS:
                     due.append(s)
         if due and model is not None:
             for s, g in zip(due, model.draft([(s.slot, s.spec) for s in due], 1)):  # type: ignore[misc]
