@@ -7,7 +7,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.anyway-ready
 ARGS   ?=
 
-.PHONY: run test setup lint clean bench bench-recovery bench-scale bench-spec image
+.PHONY: run test setup lint clean bench bench-recovery bench-scale bench-spec bench-throughput image lock
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/bootstrap.sh
@@ -41,9 +41,24 @@ bench-scale: $(VENV)/.anyway-bench
 bench-spec: $(VENV)/.anyway-bench
 	$(VENV)/bin/python -m bench.speculative $(ARGS)
 
+# Concurrent clients with lanes off and on (issue 15): make bench-throughput ARGS="--lan --workers 3"
+bench-throughput: $(VENV)/.anyway-bench
+	$(VENV)/bin/python -m bench.throughput $(ARGS)
+
+# The hash-pinned lock of everything installed on the boxes (the product's dependencies and
+# llama-cpp-python, transitively), made by pip-tools from pyproject.toml. Ansible and the image
+# build install with `pip --require-hashes` from it. Re-run after changing a dependency.
+LOCK := ansible/roles/anyway_common/files/requirements.lock
+PIP_TOOLS_VERSION := 7.6.2
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip -q --disable-pip-version-check install "pip-tools==$(PIP_TOOLS_VERSION)"
+	.venv-lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra llama \
+	  --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
+
 clean:
 	-bash images/build.sh clean
-	rm -rf --one-file-system $(VENV) .pytest_cache build *.egg-info
+	rm -rf --one-file-system $(VENV) .venv-lock .pytest_cache build *.egg-info
 
 # Appliance images (docs/IMAGES.md), as root, not part of make test:
 #   make image       - Debian root fs, raw disk image and OCI image in build/images

@@ -29,7 +29,8 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--n-ctx", type=int, default=2048)
-    p.add_argument("--load-only", action="store_true", help="time the model load (weights to the workers) and exit")
+    p.add_argument("--tunnels", default="", help="TunnelSpec JSON file: reach these endpoints over the TLS data plane")
+    p.add_argument("--load-only", action="store_true", help="only load the model (cold load timing), no generation")
     args = p.parse_args()
 
     from llama_cpp import Llama
@@ -40,12 +41,20 @@ def main() -> int:
     if args.rpc:
         from appliance.common import ggml
 
-        ggml.register_rpc_servers(args.rpc.split(","))
+        endpoints = args.rpc.split(",")
+        if args.tunnels:
+            from pathlib import Path
+
+            from appliance.common.dataplane import TunnelSpec, open_tunnels
+
+            endpoints = open_tunnels(TunnelSpec.from_json(Path(args.tunnels).read_text()), endpoints)
+        ggml.register_rpc_servers(endpoints)
         kw.update(n_gpu_layers=args.n_gpu_layers, tensor_split=[float(x) for x in args.split.split(",")])
     t_load = time.perf_counter()
     llm = Llama(args.model, **kw)
+    load_s = time.perf_counter() - t_load
     if args.load_only:
-        print(json.dumps({"load_s": time.perf_counter() - t_load}))
+        print(json.dumps({"load_s": load_s}))
         return 0
     prompt = long_prompt()
     runs = []
@@ -69,6 +78,7 @@ def main() -> int:
                 "prompt_tps": n_prompt / ttft,
                 "decode_tokens": len(stamps),
                 "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                "load_s": load_s,
             }
         )
     print(json.dumps({"runs": runs}))

@@ -96,11 +96,16 @@ class LanLab:
     # ------------------------------------------------------------ the appliance in it
     def cluster(self, model: Path, *, state_dir: Path, n_ctx: int = 2048, max_batch: int = 2,
                 strategy: str = "memory", heartbeat_interval: float | None = None,
-                head_args: list[str] | None = None, worker_args: list[str] | None = None) -> LocalCluster:
-        """A head and the lab's workers, started as users start them (`anyway head/worker`)."""
+                head_args: list[str] | None = None, worker_args: list[str] | None = None,
+                data_plane: str = "plain") -> LocalCluster:
+        """A head and the lab's workers, started as users start them (`anyway head/worker`).
+
+        The data plane defaults to plain TCP so that bare llama.cpp RPC can reach the same
+        servers directly and ratios compare orchestration, not encryption; `data_plane="tls"`
+        runs what real boxes run (bench.dataplane measures the difference)."""
         c = LocalCluster(model=model, state_dir=state_dir, api_host=self.ip("head"), api_port=free_port(),
                          n_ctx=n_ctx, max_batch=max_batch, strategy=strategy, heartbeat_interval=heartbeat_interval,
-                         control_bind_host=self.ip("head"))
+                         control_bind_host=self.ip("head"), data_plane=data_plane)
         c.control = f"tcp://{self.ip('head')}:{c.control_port}"
         c.start_head(head_args, wrapper=self.wrapper("head"))
         for k in range(1, self.workers + 1):

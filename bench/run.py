@@ -108,10 +108,12 @@ def concurrent_tps(url: str, model_id: str, *, clients: int, tokens: int) -> flo
 
 
 def bare_runs(model: Path, *, tokens: int, reps: int, rpc: list[str] | None = None,
-              split: list[float] | None = None, ngl: int = 0) -> list[dict[str, float]]:
+              split: list[float] | None = None, ngl: int = 0, tunnels: Path | None = None) -> list[dict[str, float]]:
     cmd = [sys.executable, "-m", "bench.bare", "--model", str(model), "--tokens", str(tokens), "--reps", str(reps)]
     if rpc:
         cmd += ["--rpc", ",".join(rpc), "--split", ",".join(str(x) for x in split or []), "--n-gpu-layers", str(ngl)]
+    if tunnels is not None:
+        cmd += ["--tunnels", str(tunnels)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"bare run failed: {out.stderr[-2000:]}")
@@ -232,12 +234,14 @@ class NetLab:
     def _ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True)
 
-    def worker_args(self, k: int, *, control_port: int, rpc_port: int) -> tuple[list[str], list[str]]:
+    def worker_args(self, k: int, *, control_port: int, rpc_port: int) -> tuple[list[str], list[str], str]:
+        """(the worker's extra arguments, its namespace wrapper, where the head dials it: the delay
+        proxy, which the head's own configuration must name: --node-rpc wK=that)."""
         proxy = DelayProxy((f"10.78.{k}.2", rpc_port), self.delay_s)
         self.proxies.append(proxy)
-        extra = ["--head", f"tcp://10.78.{k}.1:{control_port}", "--rpc-host", f"10.78.{k}.2",
-                 "--rpc-advertise", f"127.0.0.1:{proxy.port}"]
-        return extra, ["ip", "netns", "exec", f"{self.tag}-{k}"]
+        dial = f"127.0.0.1:{proxy.port}"
+        extra = ["--head", f"tcp://10.78.{k}.1:{control_port}", "--rpc-host", f"10.78.{k}.2", "--rpc-advertise", dial]
+        return extra, ["ip", "netns", "exec", f"{self.tag}-{k}"], dial
 
     def close(self) -> None:
         for k in range(1, self.n + 1):
@@ -249,18 +253,24 @@ class NetLab:
 def start_cluster(model: Path, n: int, *, state: Path, strategy: str, max_batch: int, lab: NetLab | None,
                   slow: CpuQuota | None = None, holding: int | None = None) -> LocalCluster:
     """A cluster of n workers; waits until all n are alive and `holding` of them hold layers."""
+    # On the LAN the data plane is what the product ships: TLS with the cluster's keys.
     c = LocalCluster(model=model, state_dir=state, max_batch=max_batch, strategy=strategy,
-                     control_bind_host="0.0.0.0" if lab else "127.0.0.1")
-    c.start_head()
+                     control_bind_host="0.0.0.0" if lab else "127.0.0.1", data_plane="tls" if lab else "plain")
+    workers = []
+    node_rpc: list[str] = []
     for k in range(1, n + 1):
         extra: list[str] = []
         wrapper: list[str] = []
         rpc_port = free_port()
         if lab is not None:
-            extra, wrapper = lab.worker_args(k, control_port=c.control_port, rpc_port=rpc_port)
+            extra, wrapper, dial = lab.worker_args(k, control_port=c.control_port, rpc_port=rpc_port)
+            node_rpc += ["--node-rpc", f"w{k}={dial}"]
         if slow is not None and k == n:
             wrapper = [*wrapper, *slow.wrapper]
-        c.start_worker(f"w{k}", extra=["--rpc-port", str(rpc_port), *extra], wrapper=wrapper or None)
+        workers.append((f"w{k}", ["--rpc-port", str(rpc_port), *extra], wrapper or None))
+    c.start_head(node_rpc)
+    for name, extra, wrapper in workers:
+        c.start_worker(name, extra=extra, wrapper=wrapper)
     def ready(s: dict[str, Any]) -> bool:
         alive = [x for x in s["nodes"] if x["state"] == "alive"]
         held = [x for x in s["nodes"] if x.get("layers")]
@@ -268,6 +278,17 @@ def start_cluster(model: Path, n: int, *, state: Path, strategy: str, max_batch:
 
     c.wait(ready, timeout_s=300, what=f"{n} workers alive, {holding or 'any'} holding layers")
     return c
+
+
+def tunnels_for(c: LocalCluster, state: dict[str, Any], path: Path) -> Path:
+    """The engine's TunnelSpec for the bare run: the same TLS channel to the same workers."""
+    from appliance.common.dataplane import TunnelSpec
+    from appliance.common.keys import load_allow_list
+
+    allow = load_allow_list(c.keys)
+    peers = {a["endpoint"]: allow[a["node"]] for a in state["plan"]["assignments"] if a.get("endpoint")}
+    path.write_text(TunnelSpec(head_key_file=str(c.keys / "server.key_secret"), peers=peers).to_json())
+    return path
 
 
 def layout(state: dict[str, Any]) -> tuple[list[str], list[float], int, str]:
@@ -311,7 +332,8 @@ def bench_split(model: Path, n: int, args: argparse.Namespace, tmp: Path, lab: N
             appliance += appliance_runs(c.url, model_id, tokens=args.tokens, reps=1)
             stop_head(c)
             log(f"  rep {rep + 1}/{args.reps}: (b) bare llama.cpp RPC split, same workers and layout")
-            bare += bare_runs(model, tokens=args.tokens, reps=1, rpc=rpc, split=split, ngl=ngl)
+            tun = tunnels_for(c, st, tmp / f"tunnels-{n}.json") if lab is not None else None
+            bare += bare_runs(model, tokens=args.tokens, reps=1, rpc=rpc, split=split, ngl=ngl, tunnels=tun)
     finally:
         c.stop()
     return {"workers": n, "layout": desc, "appliance": appliance, "bare": bare, "concurrency": conc}
@@ -425,6 +447,24 @@ NOTES = """## Reading these numbers
 """
 
 
+KEPT_SECTIONS = ("## Secure data plane",)
+"""Sections of BENCHMARKS.md that other harnesses write (bench.dataplane): kept when this one rewrites the file."""
+
+
+def kept_sections(path: Path) -> str:
+    try:
+        old = path.read_text()
+    except OSError:
+        return ""
+    out = ""
+    for heading in KEPT_SECTIONS:
+        start = old.find("\n" + heading)
+        if start >= 0:
+            end = old.find("\n## ", start + 1)
+            out += "\n" + old[start + 1 : end if end >= 0 else len(old)].rstrip() + "\n"
+    return out
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -518,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     cmdline = "make bench ARGS=\"" + " ".join(sys.argv[1:]) + "\"" if argv is None else "python -m bench.run " + " ".join(argv)
     results["cmdline"] = cmdline
     report = write_report(results, out, cmdline).replace("bench.png", f"bench{suffix}.png")
+    report += kept_sections(out / f"BENCHMARKS{suffix}.md")
     (out / f"BENCHMARKS{suffix}.md").write_text(report)
     (out / f"bench{suffix}.json").write_text(json.dumps(results, indent=1))
     plot(results, out / f"bench{suffix}.png")

@@ -174,7 +174,7 @@ def stream(c: LocalCluster, model_id: str, *, prompt: str, max_tokens: int, kill
                         fault()
     gaps = [b - a for a, b in zip(times, times[1:])]
     k = max(range(len(gaps)), key=gaps.__getitem__) if gaps else 0
-    steady = sorted(gaps[:max(kill_after - 1, 1)])
+    steady = sorted(gaps[:max(kill_after - 1, 1)] if kill_after else gaps)
     return {
         "text": "".join(parts),
         "fault_at": fault_at,
@@ -187,6 +187,8 @@ def stream(c: LocalCluster, model_id: str, *, prompt: str, max_tokens: int, kill
 
 
 # ------------------------------------------------------------------ one model
+STAGING_PROBE_TOKENS = 40
+
 def bare_load(lab: LanLab, model: Path, s: dict[str, Any], n_ctx: int) -> float:
     plan = s["plan"]
     cmd = [*lab.wrapper("head"), sys.executable, "-m", "bench.bare", "--model", str(model), "--load-only",
@@ -214,7 +216,8 @@ def restart_worker(lab: LanLab, c: LocalCluster, name: str) -> None:
 def bench_model(size: str, model: Path, lab: LanLab, tmp: Path, args: argparse.Namespace,
                 refs: dict[int, str]) -> dict[str, Any]:
     prof = load_profile(model)
-    res: dict[str, Any] = {"size": size, "file_bytes": prof.file_bytes, "n_layers": prof.n_layers}
+    res: dict[str, Any] = {"size": size, "file_bytes": prof.file_bytes, "n_layers": prof.n_layers,
+                           "command": args.cmdline, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     n_ctx = 4096
     c = lab.cluster(model, state_dir=tmp / f"c-{size}", n_ctx=n_ctx, max_batch=1, strategy="memory",
                     worker_args=["--threads", "2"])
@@ -228,9 +231,18 @@ def bench_model(size: str, model: Path, lab: LanLab, tmp: Path, args: argparse.N
         model_id = s["model"]["id"]
         log(f"{size}: cold load {res['cold_load_s']:.1f}s, {load_bytes['head_up'] / 1e9:.2f} GB up the head's link")
         t = time.time()
+        # Serving while the workers pre-stage (its rate limit is the workers' --staging-rate),
+        # then the same request once everything is staged: does staging slow decoding?
+        during = stream(c, model_id, prompt=STORY, max_tokens=STAGING_PROBE_TOKENS, kill_after=0, fault=lambda: None)
+        still = not staged(state(c))
         s = wait(c, staged, "every failover pre-staged")
         res["staging_s"] = time.time() - t
-        log(f"{size}: pre-staged in {res['staging_s']:.1f}s")
+        after = stream(c, model_id, prompt=STORY, max_tokens=STAGING_PROBE_TOKENS, kill_after=0, fault=lambda: None)
+        res["staging_interference"] = {"during_s": during["token_interval_s"], "after_s": after["token_interval_s"],
+                                       "staging_throughout": still}
+        log(f"{size}: pre-staged in {res['staging_s']:.1f}s; token interval while staging "
+            f"{during['token_interval_s']:.3f}s (staging still running at its end: {still}), after "
+            f"{after['token_interval_s']:.3f}s")
 
         gen = s["engine"]["generation"]
         httpx.post(f"{c.url}/v1/reload", timeout=10)
@@ -332,6 +344,11 @@ def fmt_gb(n: float) -> str:
 
 def write_report(results: dict[str, Any], cmdline: str) -> str:
     rate = LINE_RATES.get(results["rate"], 1e9)
+    # Each model's figures may come from its own run (merged into one scale.json): name them all.
+    runs = sorted({m["command"] for m in results["models"] if m.get("command")}) or [cmdline]
+    if len(runs) > 1 or runs[0] != cmdline:
+        cmdline = "\n    ".join(runs) + "\n\n(one run per model size, results merged into docs/scale.json; then\n" \
+            "    " + cmdline.split(" ARGS")[0] + ' ARGS="--report-only")'
     lines = [
         "# Scale: load, re-plan and resume at GB-class model sizes",
         "",
@@ -342,12 +359,23 @@ def write_report(results: dict[str, Any], cmdline: str) -> str:
         f"Machine: {results['machine']}. Date: {results['date']}. Lab: head and {WORKERS} workers, each in its own",
         f"network namespace on one bridge, every link shaped to {results['rate']} with `tc tbf` in both directions",
         "(no added latency: netem is not available here). Workers are started as users start them",
-        "(`anyway worker`, one thread each); all processes share this machine's 2 cores, so compute-bound",
+        "(`anyway worker --threads 2`); all processes share this machine's 2 cores, so compute-bound",
         "numbers (decode, prefill) are far below what 3 real boxes deliver; network-bound ones (loads) are not.",
         "Models: the demo model (SmolLM2-135M, 30 layers) with identity blocks stacked after it (`python -m",
         "bench.synth identity`), so each writes exactly the demo model's text while every block is loaded,",
         "sent and computed. Bare = llama-cpp-python over the same RPC servers and layout, no appliance.",
+        "The data plane is plain TCP here on both sides (`LanLab.cluster(data_plane=\"plain\")`), so the",
+        "ratios compare the appliance's orchestration with llama.cpp's; what the TLS data plane real boxes run",
+        "adds is measured apart (docs/BENCHMARKS.md, \"Secure data plane\": decode 1.00x, cold load 0.92-0.98x",
+        "of plain's speed).",
         "",
+    ]
+    busy = [f"{m['size']}: {' / '.join(str(x) for x in m['loadavg_start'])} at its start, "
+            f"{' / '.join(str(x) for x in m.get('loadavg_end', []))} at its end"
+            for m in results["models"] if m.get("loadavg_start")]
+    if busy:
+        lines += ["Load average of the machine (1/5/15 min; other work shares it): " + "; ".join(busy) + ".", ""]
+    lines += [
         "## Loads",
         "",
         "| model | layers | cold load (appliance) | bare | ratio | head link during cold load | of line rate | warm reload | bare warm | cold / warm |",
@@ -390,8 +418,74 @@ def write_report(results: dict[str, Any], cmdline: str) -> str:
         h = m["hung"]
         lines.append(f"| {fmt_gb(m['file_bytes'])} | hung box (SIGSTOP) after 20 tokens | story | {h['gap_s']:.1f} s | - "
                      f"| {h['token_interval_s']:.2f} s | n/a |")
-    lines += ["", "![stream gap](scale-gap.png)", "", "![load time](scale-load.png)", ""]
+    lines += ["", "## Pre-staging while serving", "",
+              "| model | token interval while the workers pre-stage | after | ratio | staging still running at the end |",
+              "|---|---|---|---|---|"]
+    for m in results["models"]:
+        si = m.get("staging_interference")
+        if si:
+            lines.append(f"| {fmt_gb(m['file_bytes'])} | {si['during_s']:.3f} s | {si['after_s']:.3f} s "
+                         f"| **{si['during_s'] / max(si['after_s'], 1e-9):.2f}** | {si['staging_throughout']} |")
+    lines += ["", "## Targets", "", *verdicts(results), "",
+              "![stream gap](scale-gap.png)", "", "![load time](scale-load.png)", "", WHY]
     return "\n".join(lines)
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    """The issue's four targets against this run, on the largest model measured."""
+    rate = LINE_RATES.get(results["rate"], 1e9)
+    m = max(results["models"], key=lambda x: x["file_bytes"])
+    out = [f"On the largest model ({fmt_gb(m['file_bytes'])}):", ""]
+    gaps = {g["kill_after"]: g["gap_s"] for g in m["gaps"] if g["prompt"] == "story"}
+    with_long = [x for x in results["models"] if 1000 in {g["kill_after"] for g in x["gaps"]}]
+    if 1000 in gaps and 10 in gaps:
+        r = gaps[1000] / gaps[10]
+        out.append(f"- Stream gap after a kill at 1,000 tokens <= 1.5x the gap at 10: {r:.2f}x "
+                   f"({'met' if r <= 1.5 else 'MISSED'}).")
+    elif with_long:
+        x = max(with_long, key=lambda y: y["file_bytes"])
+        g = {g["kill_after"]: g["gap_s"] for g in x["gaps"] if g["prompt"] == "story"}
+        r = g[1000] / g[10]
+        out.append(f"- Stream gap after a kill at 1,000 tokens <= 1.5x the gap at 10: measured on "
+                   f"{fmt_gb(x['file_bytes'])} only: {r:.2f}x ({'met' if r <= 1.5 else 'MISSED'}; see below).")
+    rp = m["replan"]
+    out.append(f"- 0 bytes of weights over the network in a pre-staged failover: {rp['received_bytes'] / 1e6:.1f} MB "
+               f"received, of {rp['would_move_bytes'] / 1e6:.0f} MB that changed node; ggml sends every tensor under "
+               f"its 10 MiB hashing threshold whatever is cached ({rp['small_tensor_bytes'] / 1e6:.1f} MB here) "
+               f"({'met' if rp['received_bytes'] <= rp['small_tensor_bytes'] * 1.05 else 'MISSED'} for what can be "
+               f"cached; MISSED as stated).")
+    cold = m["cold_load_s"] / m["bare_cold_load_s"]
+    link = m["cold_load_head_up_bytes"] * 8 / m["cold_load_s"] / rate
+    out.append(f"- Cold load <= 1.1x bare llama.cpp RPC: {cold:.2f}x ({'met' if cold <= 1.1 else 'MISSED'}); "
+               f">= 85 % of the head link's line rate: {link:.0%} ({'met' if link >= 0.85 else 'MISSED'}).")
+    warm = m["cold_load_s"] / m["warm_load_s"]
+    out.append(f"- Warm reload >= 5x faster than cold: {warm:.1f}x ({'met' if warm >= 5 else 'MISSED'}).")
+    return out
+
+
+WHY = """## Why the misses
+
+* **Gap after 1,000 tokens.** The gap is detection (~0.1-0.3 s) + the re-planned engine's load
+  (weights from the survivors' disks) + one batched prefill of prompt and answer so far. The
+  first two do not depend on the answer; the prefill does, linearly, and on this machine it
+  is compute-bound on two shared cores (the demo-plus-identity models prefill at tens of
+  tokens/s here; a GPU or a real CPU box per layer range is one to two orders faster). It used
+  to be one decode step per token already sent (the same work without batching); making it
+  one pass removed the per-step round trips, not the arithmetic. Removing the arithmetic needs
+  the lost KV cache back without recomputing it: llama.cpp can save a sequence's state
+  (`llama_state_seq_get_data`), so the head could keep a periodic copy of each sequence's KV
+  cache and restore it onto the new layout, paying a transfer (about 0.1 MB per token for the
+  4 GB model here, ~1 s per 1,000 tokens at 1 Gbit/s) instead of a prefill. Not built yet.
+* **Bytes during a failover.** ggml's RPC client hashes only tensors of 10 MiB or more
+  (`HASH_THRESHOLD` in ggml-rpc.cpp, a compile-time constant of the pinned llama.cpp); the
+  smaller ones (norms, small projections) are always sent. They are counted above; every
+  tensor that *can* come from the cache did (what was received is that remainder).
+* **Cold load and line rate.** Both loads go through the same ggml client, which sends one
+  tensor at a time to one worker at a time; the appliance adds the engine process start, the
+  plan, and hashing each large tensor once (cached in `~/.cache/anyway/tensor-hashes` after
+  the first time). The lab's processes share two cores with the shaping, so the sender is
+  CPU-starved at times; the line-rate figure is what the head link actually carried.
+"""
 
 
 def plot(results: dict[str, Any], out: Path) -> None:
@@ -446,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmdline = "sudo make bench-scale" + (f" ARGS=\"{' '.join(argv or sys.argv[1:])}\"" if (argv or sys.argv[1:]) else "")
+    args.cmdline = cmdline
     if args.report_only:
         results = json.loads((out / "scale.json").read_text())
     else:
@@ -461,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
             for size in args.sizes.split(","):
                 model = model_for(size, base)
                 with LanLab(workers=WORKERS, rate=args.rate) as lab:
-                    results["models"].append(bench_model(size, model, lab, tmp, args, refs))
+                    m = bench_model(size, model, lab, tmp, args, refs)
+                    m["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+                    results["models"].append(m)
                 (out / "scale.json").write_text(json.dumps(results, indent=2))
         finally:
             if args.keep:

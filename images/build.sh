@@ -201,26 +201,20 @@ PY
 }
 DEPS_DIR=""
 stage_dep_wheels() {
-  # The product's pinned dependencies and llama-cpp-python's (from its wheel's metadata).
-  local py="$1" llama_whl="$2" reqs
-  reqs="$("$py" - "$REPO/pyproject.toml" "$llama_whl" <<'PY'
-import email, sys, tomllib, zipfile
-reqs = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
-z = zipfile.ZipFile(sys.argv[2])
-meta = email.message_from_bytes(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))))
-reqs += [r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r]
-print("\n".join(reqs))
-PY
-)"
-  DEPS_DIR="$CACHE/wheels/deps-$(key_of "$reqs $("$py" -c 'import sys,sysconfig;print(sys.version_info[:2],sysconfig.get_platform())')")"
+  # Every dependency of the product and of llama-cpp-python, exactly as the hash-pinned lock says
+  # (ansible/roles/anyway_common/files/requirements.lock, made by pip-compile: make lock).
+  local py="$1" lock="$REPO/ansible/roles/anyway_common/files/requirements.lock"
+  DEPS_DIR="$CACHE/wheels/deps-$(key_of "$(sha "$lock") $("$py" -c 'import sys,sysconfig;print(sys.version_info[:2],sysconfig.get_platform())')")"
   if [ -f "$DEPS_DIR/.ok" ]; then log "python wheels: cached $(basename "$DEPS_DIR")"; return; fi
-  log "python wheels: downloading the product's pinned dependencies"
+  log "python wheels: downloading the locked dependencies (hashes checked)"
   rm -rf "$DEPS_DIR.tmp" && mkdir -p "$DEPS_DIR.tmp"
-  printf '%s\n' "$reqs" >"$DEPS_DIR.tmp/requirements.txt"
+  "$py" "$REPO/ansible/roles/anyway_common/files/anyway_lock.py" "$lock" "$DEPS_DIR.tmp" "$IMAGE_LLAMA_VERSION" >/dev/null \
+    || die "the lock does not fit llama-cpp-python $IMAGE_LLAMA_VERSION: run make lock"
   local extra=()
   [ -n "${IMAGE_WHEELHOUSE:-}" ] && extra=(--find-links "$IMAGE_WHEELHOUSE")
-  "$py" -m pip --disable-pip-version-check wheel "${extra[@]}" -w "$DEPS_DIR.tmp" -r "$DEPS_DIR.tmp/requirements.txt" \
-    >"$DEPS_DIR.log" 2>&1 || { tail -20 "$DEPS_DIR.log" >&2; die "downloading the Python dependencies failed"; }
+  "$py" -m pip --disable-pip-version-check wheel --require-hashes --no-deps "${extra[@]}" -w "$DEPS_DIR.tmp" \
+    -r "$DEPS_DIR.tmp/deps.txt" >"$DEPS_DIR.log" 2>&1 || { tail -20 "$DEPS_DIR.log" >&2; die "downloading the Python dependencies failed"; }
+  rm -f "$DEPS_DIR.tmp/llama.txt"
   touch "$DEPS_DIR.tmp/.ok"
   rm -rf "$DEPS_DIR" && mv "$DEPS_DIR.tmp" "$DEPS_DIR"
 }
@@ -306,12 +300,22 @@ EOF
     --shell /usr/sbin/nologin --comment "Anyway worker" anyway
   install -d -m 750 -o "$IMAGE_UID" -g "$IMAGE_UID" "$r/var/lib/anyway" "$r/var/lib/anyway/cache"
   install -d -m 750 -o 0 -g "$IMAGE_UID" "$r/etc/anyway/keys"
-  # the product, from wheels only (nothing is compiled in the image)
+  # the product, from wheels only (nothing is compiled in the image), every one hash-pinned:
+  # the locked dependencies, and the two wheels built here by their sha256
   mkdir -p "$r/tmp/wheels"
   cp "${wheels[@]}" "$r/tmp/wheels/"
+  {
+    cat "$DEPS_DIR/deps.txt"
+    local w
+    for w in "${wheels[@]}"; do
+      case "$(basename "$w")" in
+        anyway-*.whl|llama_cpp_python-*.whl) echo "/tmp/wheels/$(basename "$w") --hash=sha256:$(sha "$w")" ;;
+      esac
+    done
+  } >"$r/tmp/wheels/requirements.txt"
   ch "$r" /usr/bin/python3 -m venv /opt/anyway/venv
   ch "$r" /opt/anyway/venv/bin/python -m pip --disable-pip-version-check -q install --no-index --no-cache-dir \
-    --find-links /tmp/wheels "anyway==$ANYWAY_VERSION" "llama-cpp-python==$IMAGE_LLAMA_VERSION"
+    --require-hashes --find-links /tmp/wheels -r /tmp/wheels/requirements.txt
   ch "$r" /opt/anyway/venv/bin/python -c 'import appliance, llama_cpp, zmq; assert llama_cpp.llama_supports_rpc(), "no RPC"' \
     || die "the product does not import inside the root fs"
   ln -sf /opt/anyway/venv/bin/anyway "$r/usr/local/bin/anyway"
@@ -456,7 +460,7 @@ write_inputs() {
     echo "debootstrap         $(pkgver debootstrap), debs tarball sha256 $(sha "$DEBS_TGZ")"
     echo "kernel              $(ls "$ROOTFS"/boot/vmlinuz-* | sed 's/.*vmlinuz-//' | sort -V | tail -n1)"
     echo "python              $(ch "$ROOTFS" /usr/bin/python3 --version 2>&1) (Debian), venv /opt/anyway/venv"
-    echo "python wheels       $(wc -l <"$OUT/python.lock") (python.lock); dependencies pinned in pyproject.toml"
+    echo "python wheels       $(wc -l <"$OUT/python.lock") (python.lock); every dependency hash-pinned by requirements.lock (sha256 $(sha "$REPO/ansible/roles/anyway_common/files/requirements.lock"))"
     echo "llama-cpp-python    $IMAGE_LLAMA_VERSION, $(llama_src "$llama_whl")"
     echo "                    wheel sha256 $(sha "$llama_whl")"
     echo "cpu target          $IMAGE_CPU (CMAKE_ARGS \"$IMAGE_LLAMA_CMAKE_ARGS\"; CPU flags required: ${IMAGE_CPU_FLAGS:-none})"
@@ -505,7 +509,7 @@ cmd_build() {
     log "llama-cpp-python: $(basename "$llama_whl"), $(llama_src "$llama_whl")"
   fi
   [ -n "$llama_whl" ] || die "no llama-cpp-python wheel"
-  stage_dep_wheels "$py" "$llama_whl"
+  stage_dep_wheels "$py"
   local wheels=("$DEPS_DIR"/*.whl "$WORK"/wheels/*.whl "$llama_whl")
   stage_rootfs "${wheels[@]}"
   local rootfs_stamp

@@ -131,3 +131,23 @@ def derive_vocab_model(src: Path, dst: Path, *, n_vocab: int) -> Path:
     writer.close()
     os.replace(tmp, dst)
     return dst
+
+
+def node_dealer(cluster, name: str):  # type: ignore[no-untyped-def]
+    """A ZeroMQ DEALER to `cluster`'s control plane holding node `name`'s own key (issued on
+    first use, like `anyway keys add`): an authenticated peer that may only speak as `name`."""
+    import zmq
+
+    from appliance.common.keys import NODES_DIR, load_worker_keys
+
+    issued = (cluster.keys / NODES_DIR / f"{name}.key").exists()
+    keys = load_worker_keys(cluster.node_keys(name))
+    if not issued and "head" in cluster.logs:  # a running head takes new keys on its next allow-list check
+        wait_until(lambda: f"added={name}" in cluster.logs["head"].read_text(), timeout_s=10,
+                   what=f"the head to add {name}'s key to its allow-list")
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.curve_secretkey, s.curve_publickey, s.curve_serverkey = keys.secret, keys.public, keys.server_public
+    s.setsockopt(zmq.LINGER, 5_000)  # close() waits until what was queued is sent
+    s.setsockopt(zmq.RCVTIMEO, 10_000)
+    s.connect(cluster.control)
+    return s

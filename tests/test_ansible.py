@@ -14,8 +14,13 @@
   (ansible_harness/units.py). The play then waits, and prints the endpoint. The units are
   checked with `systemd-analyze verify` and `systemd-analyze security --offline`.
 - A chat request to the deployed head (the `openai` client) answers with text from the
-  model split across the two deployed workers; the RPC port of a worker answers the head
-  only (nftables); the keys each box got are the ones its role needs.
+  model split across the two deployed workers, with the inference key the play generated;
+  admin actions refuse that key and take the generated admin key. The RPC port of a worker
+  answers the head only (nftables), over IPv6 too, and still after `nft -f
+  /etc/nftables.conf` (what `systemctl restart nftables` runs: it flushes every table first);
+  each box got its own identity and only the keys its role needs; every Python package on a
+  box is one the lock pins, installed with `pip --require-hashes` from a wheelhouse checked
+  against its manifest.
 - A second run reports changed=0 on every host.
 
 Needs root, `ip netns`, and Debian packages the session fixture installs when missing
@@ -55,7 +60,22 @@ ANSIBLE_DIR = ROOT / "ansible"
 PLAYBOOK = ANSIBLE_DIR / "deploy.yml"
 REMOVE = ANSIBLE_DIR / "remove.yml"
 VENV_BIN = Path(sys.executable).parent
-API_KEY = "test-key-" + hashlib.sha256(str(os.getpid()).encode()).hexdigest()[:12]
+DEBIAN_NFTABLES_CONF = """#!/usr/sbin/nft -f
+
+flush ruleset
+
+table inet filter {
+	chain input {
+		type filter hook input priority filter;
+	}
+	chain forward {
+		type filter hook forward priority filter;
+	}
+	chain output {
+		type filter hook output priority filter;
+	}
+}
+"""  # Debian 12's /etc/nftables.conf, which nftables.service loads (and reloads) with `nft -f`
 WAIT_TASK = "Run - wait until the head's /health says the cluster serves"
 LLAMA_VERSION = "0.3.36"
 
@@ -222,6 +242,13 @@ class Lab:
     def api(self) -> str:
         return f"http://{self.head}:8080"
 
+    def key(self, which: str) -> str:
+        """The inference or admin key the play generated on the controller."""
+        return (self.controller / "secrets" / f"{which}.key").read_text().strip()
+
+    def auth(self, which: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key(which)}"}
+
     def start_services(self) -> None:
         """What systemd would do for the enabled units: start every rendered unit."""
         for name, host in self.net.hosts.items():
@@ -271,6 +298,11 @@ def lab(debian_packages: None, demo_model: Path) -> Iterator[Lab]:
             }
             if name == "head1":
                 hv["anyway_head_model_src"] = str(demo_model)  # host var: beats group_vars/all.yml
+            else:
+                conf = h.dir / "etc" / "nftables.conf"  # each test host's own copy of the system file
+                conf.parent.mkdir(parents=True, exist_ok=True)
+                conf.write_text(DEBIAN_NFTABLES_CONF)
+                hv["anyway_worker_nftables_conf"] = str(conf)
             hosts[name] = hv
         inventory = {
             "all": {
@@ -291,7 +323,6 @@ def lab(debian_packages: None, demo_model: Path) -> Iterator[Lab]:
                     "anyway_common_product_src": str(src),
                     "anyway_common_wheelhouse_src": str(house),
                     "anyway_common_wheelhouse_fill": True,
-                    "anyway_head_api_key": API_KEY,
                     "anyway_head_threads": 1,
                     "anyway_worker_threads": 1,
                     "anyway_head_wait_timeout_s": 240,
@@ -352,22 +383,34 @@ def test_ansible_lint_production_profile() -> None:
     assert "Profile 'production' was required, and it passed" in res.stdout + res.stderr
 
 
-def test_controller_keys_are_valid_curve_keys(tmp_path: Path) -> None:
-    """The controller-side key generator (no pyzmq needed) writes what `anyway keys init` does."""
+def test_controller_keys_are_what_anyway_keys_writes(tmp_path: Path) -> None:
+    """The controller-side generator (no Anyway or pyzmq needed) issues the head's identity and
+    one per worker in the format `anyway keys` writes; it never replaces them, and revokes."""
     import zmq
 
-    from appliance.common.keys import load_head_keys, load_worker_keys
+    from appliance.common.keys import load_allow_list, load_head_keys, load_worker_keys
 
     script = ANSIBLE_DIR / "roles" / "anyway_common" / "files" / "anyway_keys.py"
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "k")], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout)["changed"] is True
-    again = subprocess.run([sys.executable, str(script), str(tmp_path / "k")], capture_output=True, text=True, check=True)
-    assert json.loads(again.stdout)["changed"] is False
-    head, worker = load_head_keys(tmp_path / "k"), load_worker_keys(tmp_path / "k")
+    k = tmp_path / "k"
+
+    def run(*args: str) -> dict:
+        out = subprocess.run([sys.executable, str(script), str(k), *args], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    assert run("--nodes", "w1,w2")["changed"] is True
+    assert run("--nodes", "w1,w2")["changed"] is False
+    head = load_head_keys(k)
+    w1, w2 = load_worker_keys(k / "issued" / "w1"), load_worker_keys(k / "issued" / "w2")
     assert zmq.curve_public(head.secret) == head.public
-    assert zmq.curve_public(worker.secret) == worker.public
-    assert worker.server_public == head.public
-    assert stat.S_IMODE((tmp_path / "k" / "server.key_secret").stat().st_mode) == 0o600
+    assert zmq.curve_public(w1.secret) == w1.public and zmq.curve_public(w2.secret) == w2.public
+    assert w1.public != w2.public and w1.server_public == head.public and w1.node.name == "w1"
+    assert set(load_allow_list(k)) == {"w1", "w2"}
+    assert stat.S_IMODE((k / "server.key_secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE((k / "issued" / "w1" / "node.key_secret").stat().st_mode) == 0o600
+    assert run("--nodes", "w1,w2", "--revoke", "w2")["revoked"] == ["w2"]
+    assert set(load_allow_list(k)) == {"w1"} and not (k / "issued" / "w2").exists()
+    assert run("--nodes", "w1,w2")["issued"] == ["w2"]  # no longer revoked: a fresh identity
+    assert load_allow_list(k)["w2"].curve_public != w2.public
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -435,11 +478,12 @@ def test_deploy_serves_chat_split_across_workers(lab: Lab, first_run: PlaybookRu
     assert f"curl {lab.api}/v1/chat/completions" in run.output, run.tail()
     report = (lab.controller / "endpoint.txt").read_text()
     assert "Authorization: Bearer $ANYWAY_API_KEY" in report and "SmolLM2-135M-Instruct" in report
+    assert "secrets/inference.key" in report and lab.key("inference") not in run.output + report  # never printed
 
-    # A chat request, with the real OpenAI client, to the deployed head.
+    # A chat request, with the real OpenAI client, to the deployed head, with the generated key.
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{lab.api}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+    client = OpenAI(base_url=f"{lab.api}/v1", api_key=lab.key("inference"), timeout=120, max_retries=0)
     model_id = client.models.list().data[0].id
     reply = client.chat.completions.create(
         model=model_id, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=24, temperature=0
@@ -448,7 +492,7 @@ def test_deploy_serves_chat_split_across_workers(lab: Lab, first_run: PlaybookRu
     assert text.strip(), reply
 
     # ... answered by the model split across the two deployed workers.
-    cluster = httpx.get(f"{lab.api}/v1/cluster", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).json()
+    cluster = httpx.get(f"{lab.api}/v1/cluster", headers=lab.auth(), timeout=10).json()
     nodes = {n["name"]: n for n in cluster["nodes"]}
     assert {"w1", "w2"} <= set(nodes), cluster["nodes"]
     for w in ("w1", "w2"):
@@ -458,8 +502,14 @@ def test_deploy_serves_chat_split_across_workers(lab: Lab, first_run: PlaybookRu
     held = sorted(tuple(nodes[w]["layers"]) for w in ("w1", "w2"))
     assert held[0][0] == 0 and held[0][1] == held[1][0] and held[1][1] == n_layers, held
 
-    # The API key protects /v1.
+    # The API is not open by default, and admin actions take the admin key only.
     assert httpx.get(f"{lab.api}/v1/models", timeout=10).status_code == 401
+    assert lab.key("admin") != lab.key("inference")
+    r = httpx.post(f"{lab.api}/v1/nodes/w1/uncordon", headers=lab.auth(), timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_key_required"
+    assert httpx.post(f"{lab.api}/v1/nodes/w1/uncordon", headers=lab.auth("admin"), timeout=10).status_code == 200
+    # The workers' RPC servers are reached over TLS with their own identities.
+    assert all(nodes[w]["rpc_endpoint"] for w in ("w1", "w2"))
 
 
 def test_deployed_units_verify(lab: Lab, first_run: PlaybookRun) -> None:
@@ -474,6 +524,14 @@ def test_deployed_units_verify(lab: Lab, first_run: PlaybookRun) -> None:
         assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), (
             f"{name}: systemd-analyze verify:\n{res.stdout}{res.stderr}"
         )
+        if name != "head1":
+            worker, firewall = Unit.load(lab.unit_dir(name) / "anyway-worker.service"), Unit.load(
+                lab.unit_dir(name) / "anyway-firewall.service")
+            # Fail closed: no firewall, no worker; the firewall follows nftables' restarts and stops.
+            assert "anyway-firewall.service" in worker.get("Unit", "Requires")
+            assert "anyway-firewall.service" in worker.get("Unit", "After")
+            assert firewall.get("Unit", "PartOf") == "nftables.service"
+            assert firewall.get("Unit", "ReloadPropagatedFrom") == "nftables.service"
         for p in files:
             unit = Unit.load(p)
             assert Path(unit.exec_start[0]).exists()
@@ -493,11 +551,12 @@ def test_deployed_units_verify(lab: Lab, first_run: PlaybookRun) -> None:
 
 def test_deployed_files_keys_and_firewall(lab: Lab, first_run: PlaybookRun) -> None:
     assert first_run.rc == 0, _explain(first_run, lab)
-    # Each box got only the keys its role needs, secrets readable by its service user only.
+    # Each box got its own identity and only the keys its role needs, secrets readable by its
+    # service user only; the head's allow-list names every worker.
     wanted = {
-        "head1": {"server.key_secret", "server.key", "client.key"},
-        "w1": {"client.key_secret", "client.key", "server.key"},
-        "w2": {"client.key_secret", "client.key", "server.key"},
+        "head1": {"server.key_secret", "server.key", "nodes"},
+        "w1": {"node.key_secret", "server.key"},
+        "w2": {"node.key_secret", "server.key"},
     }
     for name, keys in wanted.items():
         kdir = lab.config_dir(name) / "keys"
@@ -506,6 +565,9 @@ def test_deployed_files_keys_and_firewall(lab: Lab, first_run: PlaybookRun) -> N
             st = p.stat()
             assert stat.S_IMODE(st.st_mode) == 0o600 and pwd.getpwuid(st.st_uid).pw_name == lab.user(name)
         assert (kdir / "server.key").read_bytes() == (lab.controller / "keys" / "server.key").read_bytes()
+    assert {p.name for p in (lab.config_dir("head1") / "keys" / "nodes").iterdir()} == {"w1.key", "w2.key"}
+    assert (lab.config_dir("w1") / "keys" / "node.key_secret").read_bytes() != (
+        lab.config_dir("w2") / "keys" / "node.key_secret").read_bytes()
     assert pwd.getpwnam(lab.user("w1")).pw_shell == "/usr/sbin/nologin"
 
     # Only the head holds the model.
@@ -514,7 +576,7 @@ def test_deployed_files_keys_and_firewall(lab: Lab, first_run: PlaybookRun) -> N
         assert not list(lab.net.hosts[w].dir.rglob("*.gguf"))
 
     # The RPC port of each worker answers the head and nobody else (the root namespace
-    # stands for any other machine on the network).
+    # stands for any other machine on the network) ...
     head_ns = lab.net.hosts["head1"].ns()
     for w in ("w1", "w2"):
         addr = lab.net.hosts[w].address
@@ -522,6 +584,67 @@ def test_deployed_files_keys_and_firewall(lab: Lab, first_run: PlaybookRun) -> N
         assert not connects([], addr, 50052), f"{w}'s RPC port is open to everyone"
         rules = sh(*lab.net.hosts[w].ns("nft", "list", "table", "inet", "anyway_worker")).stdout
         assert f"ip saddr {lab.head} tcp dport 50052 accept" in rules, rules
+    # ... and still after nftables is restarted (its ruleset flushes every table first): on
+    # Debian `systemctl restart|reload nftables` runs exactly this.
+    w1 = lab.net.hosts["w1"]
+    conf = lab.host_dir("w1", "etc", "nftables.conf")
+    assert f'include "{lab.config_dir("w1")}/firewall.nft"' in conf.read_text()
+    sh(*w1.ns("nft", "-f", str(conf)))
+    assert connects(head_ns, w1.address, 50052) and not connects([], w1.address, 50052), "rules lost on restart"
+    # IPv6 is covered: a listener on the RPC port over IPv6 is dropped for everyone (the head is
+    # allowed at its IPv4 address), while another port answers.
+    tag = lab.net.tag
+    v6 = {"root": f"fd77:{tag[:4]}::1", "head1": f"fd77:{tag[:4]}::10", "w1": f"fd77:{tag[:4]}::11"}
+    sh("ip", "-6", "addr", "add", f"{v6['root']}/64", "dev", lab.net.bridge, "nodad")
+    for name in ("head1", "w1"):
+        sh(*lab.net.hosts[name].ns("ip", "-6", "addr", "add", f"{v6[name]}/64", "dev", "eth0", "nodad"))
+    listen_v6 = (
+        "import socket, time\n"
+        "held = []\n"
+        "for port in (50052, 50053):\n"
+        "    s = socket.socket(socket.AF_INET6)\n"
+        "    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n"
+        f"    s.bind(({v6['w1']!r}, port))\n"
+        "    s.listen()\n"
+        "    held.append(s)\n"
+        "time.sleep(60)\n"
+    )
+    listener = subprocess.Popen(w1.ns("/usr/bin/python3", "-c", listen_v6))
+    try:
+        wait_until_v6 = time.monotonic() + 10
+        while not connects([], v6["w1"], 50053) and time.monotonic() < wait_until_v6:
+            time.sleep(0.2)
+        assert connects([], v6["w1"], 50053), "no IPv6 path to w1 at all"
+        assert not connects([], v6["w1"], 50052), "w1's RPC port is open over IPv6"
+        assert not connects(head_ns, v6["w1"], 50052), "w1's RPC port answers an address that is not the head's"
+    finally:
+        listener.kill()
+
+
+def test_every_package_on_a_box_is_pinned_by_the_lock(lab: Lab, first_run: PlaybookRun) -> None:
+    """Installed with pip --require-hashes from requirements.txt: the lock's dependencies, the
+    wheelhouse's llama-cpp-python (its hash from the manifest) and the product wheel; nothing else."""
+    assert first_run.rc == 0, _explain(first_run, lab)
+    assert "Install - check every wheel against the manifest the controller packed" in first_run.output
+    lock = (ANSIBLE_DIR / "roles" / "anyway_common" / "files" / "requirements.lock").read_text()
+    pinned = {m.group(1).lower().replace("_", "-"): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+) ", lock, re.M)}
+    for name in ("head1", "w1"):
+        blocks: list[list[str]] = []
+        for line in (lab.prefix(name) / "requirements.txt").read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                if line[0].isspace() and blocks:
+                    blocks[-1].append(line)
+                else:
+                    blocks.append([line])
+        assert blocks and all(any("--hash=sha256:" in part for part in b) for b in blocks), blocks
+        freeze = subprocess.run([str(lab.prefix(name) / "venv" / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
+                                capture_output=True, text=True, check=True).stdout
+        for line in freeze.split():
+            pkg, _, version = line.partition("==")
+            pkg = pkg.lower().replace("_", "-")
+            if pkg in ("pip", "setuptools", "wheel", "anyway"):
+                continue
+            assert pinned.get(pkg) == version, f"{name}: {pkg} {version} is not what the lock pins ({pinned.get(pkg)})"
 
 
 def test_second_run_changes_nothing(lab: Lab, first_run: PlaybookRun) -> None:
@@ -556,8 +679,13 @@ def test_remove_a_worker(lab: Lab, first_run: PlaybookRun) -> None:
     assert sh(*lab.net.hosts["w2"].ns("nft", "list", "tables")).stdout.strip() == ""
     assert lab.prefix("w1").exists()  # the other boxes are untouched
 
+    # Its identity is revoked: off the controller's keys and the head's allow-list.
+    assert not (lab.controller / "keys" / "nodes" / "w2.key").exists()
+    assert list((lab.controller / "keys" / "revoked").glob("w2.*.key"))
+    assert not (lab.config_dir("head1") / "keys" / "nodes" / "w2.key").exists()
+
     # The head notices the worker is gone and serves again with every layer on w1.
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = lab.auth()
     deadline = time.monotonic() + 180
     cluster: dict = {}
     while time.monotonic() < deadline:

@@ -11,16 +11,15 @@ from typing import Any
 
 import httpx
 import pytest
-import zmq
 from openai import OpenAI
 
 from appliance.common import protocol as P
-from appliance.common.keys import init_keys, load_worker_keys
+from appliance.common.keys import add_node, init_keys
 from appliance.core.planner import MIB, NodeCapacity, PlanError, make_plan
 from appliance.common.modelfile import load_profile
 
 from conftest import N_CTX
-from helpers import wait_until
+from helpers import node_dealer, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -92,10 +91,11 @@ def test_worker_with_wrong_keys_cannot_join(make_cluster, tiny_model: Path, tmp_
     c = make_cluster(tiny_model, workers=1)
     c.wait_serving(nodes=1)
     other = init_keys(tmp_path / "other-cluster")
+    bundle = add_node(other, "intruder")
     if which == "unknown-client-key":
-        # The head's public key is right, but this client key is not on the head's allow-list.
-        (other / "server.key").write_bytes((c.keys / "server.key").read_bytes())
-    c.start_worker("intruder", extra=["--keys", str(other)])
+        # The head's public key is right, but this node's key is not on the head's allow-list.
+        (bundle / "server.key").write_bytes((c.keys / "server.key").read_bytes())
+    c.start_worker("intruder", extra=["--keys", str(bundle)])
     expect = "unknown cluster key" if which == "unknown-client-key" else "CURVE handshake failed"
 
     def refused(_: dict[str, Any]) -> bool:
@@ -112,20 +112,10 @@ def test_worker_with_wrong_keys_cannot_join(make_cluster, tiny_model: Path, tmp_
     assert "accepted_by_head" not in log
 
 
-def _dealer(c: Any) -> zmq.Socket:  # type: ignore[type-arg]
-    keys = load_worker_keys(c.keys)
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.curve_secretkey, s.curve_publickey, s.curve_serverkey = keys.secret, keys.public, keys.server_public
-    s.setsockopt(zmq.LINGER, 5_000)  # close() waits until what was queued is sent
-    s.setsockopt(zmq.RCVTIMEO, 10_000)
-    s.connect(c.control)
-    return s
-
-
 def test_version_mismatched_node_is_refused_with_reason(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     c = make_cluster(tiny_model, workers=1)
     c.wait_serving(nodes=1)
-    s = _dealer(c)
+    s = node_dealer(c, "oldbox")
     try:
         s.send_multipart(P.encode(P.HELLO, {
             "name": "oldbox", "node_id": "x1", "protocol": P.PROTOCOL_MAJOR, "rpc_protocol": "3.0.0",
@@ -145,7 +135,7 @@ def test_version_mismatched_node_is_refused_with_reason(make_cluster, tiny_model
 def test_garbage_on_the_control_plane_is_dropped(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
     c = make_cluster(tiny_model, workers=1)
     c.wait_serving(nodes=1)
-    s = _dealer(c)
+    s = node_dealer(c, "w9")  # a node holding a valid key
     garbage = [
         [b"hello"],
         [P.PROTOCOL, b"NOPE", b"{}"],
@@ -178,8 +168,11 @@ def test_garbage_on_the_control_plane_is_dropped(make_cluster, tiny_model: Path)
     chat_ok(c.url)
 
 
-def test_api_key_protects_the_api(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(tiny_model, workers=1, head_args=["--api-key", "s3cret"])
+def test_api_key_protects_the_api_and_admin_actions_need_the_admin_key(make_cluster, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "inference.key").write_text("s3cret\n")
+    (tmp_path / "admin.key").write_text("adm1n-s3cret\n")
+    c = make_cluster(tiny_model, workers=1, head_args=["--api-key-file", str(tmp_path / "inference.key"),
+                                                        "--admin-key-file", str(tmp_path / "admin.key")])
 
     def healthy() -> bool:
         try:
@@ -192,6 +185,32 @@ def test_api_key_protects_the_api(make_cluster, tiny_model: Path) -> None:  # ty
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{c.url}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     chat_ok(c.url, api_key="s3cret")
+    inference, admin = {"Authorization": "Bearer s3cret"}, {"Authorization": "Bearer adm1n-s3cret"}
+    # Admin endpoints refuse the inference key (403), and no key or a wrong one (401) ...
+    for path in ("/v1/nodes/w1/drain", "/v1/nodes/w1/uncordon", "/v1/reload"):
+        r = httpx.post(f"{c.url}{path}", headers=inference, timeout=10)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_key_required", path
+        assert httpx.post(f"{c.url}{path}", timeout=10).status_code == 401
+        assert httpx.post(f"{c.url}{path}", headers={"Authorization": "Bearer adm1n"}, timeout=10).status_code == 401
+    # ... and nothing was reloaded or drained by them.
+    events = httpx.get(f"{c.url}/v1/events", headers=admin).json()["events"]
+    assert not any(e["kind"] in ("reload", "drain", "uncordon") for e in events)
+    # The admin key reads and acts.
+    assert httpx.get(f"{c.url}/v1/cluster", headers=admin).status_code == 200
+    r = httpx.post(f"{c.url}/v1/nodes/w1/uncordon", headers=admin, timeout=10)
+    assert r.status_code == 200 and r.json()["node"] == "w1"
+
+
+def test_keys_never_come_from_the_command_line(tiny_model: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "appliance", "head", "--model", str(tiny_model), "--insecure",
+                          "--api-key", "s3cret"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--api-key-file" in out.stderr and "ANYWAY_API_KEY" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "appliance", "head", "--model", str(tiny_model), "--insecure",
+                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "without an inference key" in out.stderr
 
 
 def test_a_killed_idle_worker_leaves_the_plan_before_heartbeats_expire(make_cluster, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]

@@ -17,13 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
-import zmq
 from openai import OpenAI
 
 from appliance.common import protocol as P
 from appliance.common.config import RecoveryTiming
-from appliance.common.keys import load_worker_keys
 from appliance.head.tasks import TaskFailed, TaskSpec, TaskSupervisor
+from helpers import node_dealer
 
 FAST = RecoveryTiming(TASK_RESTARTS_PER_WINDOW=3, TASK_RESTART_WINDOW_S=60, TASK_BACKOFF_MIN_S=0.01, TASK_BACKOFF_MAX_S=0.02)
 
@@ -88,16 +87,32 @@ def test_a_task_that_cannot_be_kept_alive_ends_the_head(body: str, restart: bool
     asyncio.run(main())
 
 
+# ------------------------------------------------------------- probe triggers
+def test_a_storm_of_dropped_connections_cannot_make_the_head_probe_without_end() -> None:
+    """Every dropped control connection (any peer can make one, key or not) triggers RPC probe
+    rounds; a storm of them shares rounds instead of piling up thousands."""
+    from appliance.common.config import HeartbeatTiming
+    from appliance.core.membership import Membership
+    from appliance.head.probe import RpcProber
+
+    t = RecoveryTiming()
+    prober = RpcProber(membership=Membership(timing=HeartbeatTiming(), rpc_protocol="7", package_version="0"),
+                       heartbeat=HeartbeatTiming(), recovery=t, on_events=lambda _: None, plans=lambda: ())
+    prober.schedule(100.0)
+    assert prober.rounds == [100.0 + d for d in t.RPC_PROBE_AFTER_S]  # one real trigger: the full series
+    for i in range(10_000):  # 10 s of a trigger every millisecond
+        prober.schedule(100.0 + i / 1000)
+    horizon = max(t.RPC_PROBE_AFTER_S)
+    assert len(prober.rounds) <= (10 + horizon) / t.RPC_PROBE_TRIGGER_GAP_S + len(t.RPC_PROBE_AFTER_S)
+    # Bounded by what is still ahead, as the loop drops the rounds it has run:
+    ahead = [r for r in prober.rounds if r > 110.0]
+    assert len(ahead) <= horizon / t.RPC_PROBE_TRIGGER_GAP_S + 1
+    # A real death after the storm is still probed at once.
+    prober.schedule(120.0)
+    assert 120.0 in prober.rounds
+
+
 # ------------------------------------------------------------- real heads
-def _dealer(c: Any) -> zmq.Socket:  # type: ignore[type-arg]
-    keys = load_worker_keys(c.keys)
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.curve_secretkey, s.curve_publickey, s.curve_serverkey = keys.secret, keys.public, keys.server_public
-    s.setsockopt(zmq.LINGER, 5_000)
-    s.connect(c.control)
-    return s
-
-
 def chat_ok(url: str) -> None:
     c = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
     r = c.chat.completions.create(model=c.models.list().data[0].id, messages=[{"role": "user", "content": "Hi"}],
@@ -112,7 +127,7 @@ def test_a_frame_that_broke_the_receive_loop_leaves_the_head_whole(make_cluster,
     is dropped (and counted), and the head keeps hearing its workers."""
     c = make_cluster(tiny_model, workers=1)
     c.wait_serving(nodes=1)
-    s = _dealer(c)
+    s = node_dealer(c, "w1")  # a node holding a valid key (a stolen box)
     try:
         s.send_multipart([P.PROTOCOL, P.HEARTBEAT, b"[" * 50_000 + b"]" * 50_000])
     finally:

@@ -34,7 +34,7 @@ import httpx
 import pytest
 import yaml
 
-from appliance.common.keys import init_keys, load_worker_keys
+from appliance.common.keys import ISSUED_DIR, add_node, init_keys, load_worker_keys
 from appliance.cli.up import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,17 +84,14 @@ def _load_firstboot() -> Any:
 fb = _load_firstboot()
 
 
-def worker_keys(src: Path, dst: Path) -> Path:
+def worker_keys(cluster: Path, name: str, dst: Path) -> Path:
+    """What an operator copies onto the stick: the box's own bundle (`anyway keys add`)."""
+    if not (cluster / ISSUED_DIR / name).exists():
+        add_node(cluster, name)
     dst.mkdir(parents=True, exist_ok=True)
-    for f in ("client.key_secret", "client.key", "server.key"):
-        shutil.copy(src / f, dst / f)
+    for f in ("node.key_secret", "server.key"):
+        shutil.copy(cluster / ISSUED_DIR / name / f, dst / f)
     return dst
-
-
-def z85_of(path: Path, field: str) -> str:
-    m = re.search(rf'{field}\s*=\s*"([^"]+)"', path.read_text())
-    assert m, path
-    return m.group(1)
 
 
 def problems_of(path: Path) -> list[str]:
@@ -114,7 +111,7 @@ def test_shipped_example_is_rejected_until_edited(tmp_path: Path) -> None:
 def test_good_config_with_a_keys_folder(tmp_path: Path) -> None:
     init_keys(tmp_path / "cluster")
     boot = tmp_path / "boot"
-    worker_keys(tmp_path / "cluster", boot / "keys")
+    worker_keys(tmp_path / "cluster", "old-dell", boot / "keys")
     (boot / "anyway.conf").write_text(
         "\ufeff# edited on Windows\r\nhead = 192.168.1.10\r\nname = old-dell   # the grey one\r\n"
         "threads = 2\r\nmax_memory = 6G\r\n"
@@ -128,8 +125,8 @@ def test_good_config_with_a_keys_folder(tmp_path: Path) -> None:
     assert "node name old-dell" in notes
     opts = yaml.safe_load((root / "etc/anyway/worker.yml").read_text())
     assert opts["head"] == "tcp://192.168.1.10:5555" and opts["keys"] == "/etc/anyway/keys"
-    load_worker_keys(root / "etc/anyway/keys")
-    assert oct((root / "etc/anyway/keys/client.key_secret").stat().st_mode & 0o777) == "0o640"
+    assert load_worker_keys(root / "etc/anyway/keys").node.name == "old-dell"
+    assert oct((root / "etc/anyway/keys/node.key_secret").stat().st_mode & 0o777) == "0o640"
     assert "tcp dport 50052 ip saddr { 192.168.1.10/32 } accept" in (root / "etc/anyway/firewall.nft").read_text()
     assert (root / "etc/hostname").read_text() == "old-dell\n"
     from appliance.cli import main as anyway_main
@@ -139,23 +136,27 @@ def test_good_config_with_a_keys_folder(tmp_path: Path) -> None:
     assert ei.value.code == 0
 
 
-def test_good_config_with_inline_keys(tmp_path: Path) -> None:
+def test_the_name_comes_from_the_keys_and_a_head_name_needs_rpc_allow(tmp_path: Path) -> None:
+    """Each box has its own identity, named: the node is who its keys say. A head given by name
+    cannot restrict the firewall to its address: the image does not open the RPC port wider
+    (no more private ranges), it asks for rpc_allow."""
     init_keys(tmp_path / "cluster")
-    secret = z85_of(tmp_path / "cluster" / "client.key_secret", "secret-key")
-    server = z85_of(tmp_path / "cluster" / "server.key", "public-key")
-    conf = tmp_path / "anyway.conf"
-    conf.write_text(
-        f"head = tcp://head.lan:6000\nclient_key_secret = {secret}\nserver_key = \"{server}\"\n"
-        "ssh_key = ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl op@laptop\n"
-    )
+    boot = tmp_path / "boot"
+    worker_keys(tmp_path / "cluster", "shelf-3", boot / "keys")
+    conf = boot / "anyway.conf"
+    conf.write_text("head = tcp://head.lan:6000\n"
+                    "ssh_key = ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl op@laptop\n")
+    assert any("head 'head.lan' is a name" in p and "rpc_allow" in p for p in problems_of(conf))
+    conf.write_text(conf.read_text() + "rpc_allow = 192.168.1.10\n")
     s = fb.parse_config(conf)
-    assert s.head == "tcp://head.lan:6000" and s.keys_source.startswith("inline")
-    assert any("private networks" in w for w in s.warnings)  # a head name cannot restrict the firewall
+    assert s.name == "shelf-3" and s.head == "tcp://head.lan:6000" and s.rpc_allow == ["192.168.1.10/32"]
     fb.apply(s, tmp_path / "root", live=False)
-    k = load_worker_keys(tmp_path / "root/etc/anyway/keys")
-    ref = load_worker_keys(tmp_path / "cluster")
-    assert (k.public, k.secret, k.server_public) == (ref.public, ref.secret, ref.server_public)
+    rules = (tmp_path / "root/etc/anyway/firewall.nft").read_text()
+    assert "192.168.1.10/32" in rules and "10.0.0.0/8" not in rules and "fe80" not in rules
+    assert load_worker_keys(tmp_path / "root/etc/anyway/keys").node.name == "shelf-3"
     assert "op@laptop" in (tmp_path / "root/root/.ssh/authorized_keys").read_text()
+    conf.write_text(conf.read_text() + "name = other-box\n")
+    assert any("issued for 'shelf-3'" in p for p in problems_of(conf))
 
 
 def test_bad_config_lists_every_problem_with_its_line(tmp_path: Path) -> None:
@@ -182,31 +183,40 @@ def test_bad_config_lists_every_problem_with_its_line(tmp_path: Path) -> None:
         "(for example 'old-pc')",
         "line 3: rpc_port: '99999' must be a port number",
         "line 4: unknown setting 'treads' (did you mean 'threads'?)",
-        "line 5: client_key_secret must be 40 characters",
-        "server_key is missing",
+        "line 5: client_key_secret: keys are no longer pasted here: every box has its own identity",
         "line 6: max_memory: 'lots' is not a memory size",
         "line 7: ssh_key: the ssh-rsa key data is not base64",
     ):
         assert expected in text, f"{expected!r} not in:\n{text}"
 
 
-def test_keys_from_another_cluster_or_the_head_secret_are_refused(tmp_path: Path) -> None:
+def test_damaged_keys_the_head_secret_or_the_old_shared_key_are_refused(tmp_path: Path) -> None:
     init_keys(tmp_path / "a")
     init_keys(tmp_path / "b")
     boot = tmp_path / "boot"
-    worker_keys(tmp_path / "a", boot / "keys")
-    shutil.copy(tmp_path / "b" / "client.key", boot / "keys" / "client.key")
-    shutil.copy(tmp_path / "a" / "server.key_secret", boot / "keys" / "server.key")
+    worker_keys(tmp_path / "a", "w1", boot / "keys")
     (boot / "anyway.conf").write_text("head = 10.1.1.1:5555\n")
+    assert fb.parse_config(boot / "anyway.conf").name == "w1"
+    # a secret key that does not belong to its public key (the two halves of two identities)
+    add_node(tmp_path / "b", "w1")
+    mine = (boot / "keys" / "node.key_secret").read_text()
+    theirs = (tmp_path / "b" / ISSUED_DIR / "w1" / "node.key_secret").read_text()
+    secret_line = re.search(r'secret-key = "[^"]+"', theirs).group(0)  # type: ignore[union-attr]
+    (boot / "keys" / "node.key_secret").write_text(re.sub(r'secret-key = "[^"]+"', secret_line, mine))
     text = "\n".join(problems_of(boot / "anyway.conf"))
-    assert "keys/client.key: does not belong to client.key_secret" in text
-    assert "keys/server.key: contains the head's SECRET key" in text
-    (boot / "keys" / "client.key_secret").write_text("garbage\n")
-    assert any(p.startswith("keys/client.key_secret: ") for p in problems_of(boot / "anyway.conf"))
-    for f in ("client.key", "server.key"):
+    assert "keys/node.key_secret: its public and secret keys do not belong together" in text
+    (boot / "keys" / "node.key_secret").write_text(mine)
+    shutil.copy(tmp_path / "a" / "server.key_secret", boot / "keys" / "server.key")
+    assert any("keys/server.key: contains the head's SECRET key" in p for p in problems_of(boot / "anyway.conf"))
+    (boot / "keys" / "node.key_secret").write_text("garbage\n")
+    assert any(p.startswith("keys/node.key_secret: ") for p in problems_of(boot / "anyway.conf"))
+    for f in ("node.key_secret", "server.key"):
         (boot / "keys" / f).unlink()
-    text = "\n".join(problems_of(boot / "anyway.conf"))
-    assert "keys/client.key: missing" in text and "keys/server.key: missing" in text
+    (boot / "keys" / "client.key_secret").write_text("old\n")
+    assert any("old shared worker key" in p for p in problems_of(boot / "anyway.conf"))
+    (boot / "keys" / "client.key_secret").unlink()
+    (boot / "keys" / "server.key").write_text((tmp_path / "a" / "server.key").read_text())
+    assert "keys/node.key_secret: missing" in "\n".join(problems_of(boot / "anyway.conf"))
 
 
 @pytest.mark.parametrize(
@@ -390,7 +400,7 @@ def test_first_boot_tool_in_the_image_rejects_bad_and_accepts_good(chroot: Chroo
     init_keys(tmp_path / "cluster")
     good = host / "good"
     shutil.copytree(IMAGES / "bootpart", good)
-    worker_keys(tmp_path / "cluster", good / "keys")
+    worker_keys(tmp_path / "cluster", "old-dell", good / "keys")
     conf = (good / "anyway.conf").read_text().replace("#head = 192.168.1.10:5555", "head = 192.168.1.10:5555")
     (good / "anyway.conf").write_text(conf.replace("#name = old-dell", "name = old-dell"))
     r = chroot.run("anyway-firstboot", "check", f"{inside}/good/anyway.conf")
@@ -404,7 +414,7 @@ def test_first_boot_tool_in_the_image_rejects_bad_and_accepts_good(chroot: Chroo
     # the product inside the image accepts the generated config, and the keys are the anyway user's
     r = chroot.run("anyway", "worker", "--config", f"{inside}/root/etc/anyway/worker.yml", "--help")
     assert r.returncode == 0, r
-    st = (host / "root/etc/anyway/keys/client.key_secret").stat()
+    st = (host / "root/etc/anyway/keys/node.key_secret").stat()
     assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o777)) == (0, 900, "0o640")
 
 
@@ -435,7 +445,7 @@ def test_worker_from_the_root_fs_joins_a_head_here_and_serves_layers(
     cluster = make_cluster(tiny_model, workers=0, heartbeat=0.5)  # the worker's default heartbeat
     rpc_port = free_port()
     boot = host / "boot"
-    worker_keys(cluster.keys, boot / "keys")
+    worker_keys(cluster.keys, "imgworker", boot / "keys")
     (boot / "anyway.conf").write_text(
         f"head = {cluster.control.removeprefix('tcp://')}\nname = imgworker\n"
         f"rpc_port = {rpc_port}\nrpc_host = 127.0.0.1\nthreads = 1\n"
@@ -625,8 +635,10 @@ def test_disk_image_boots_in_qemu_first_boot_checks_the_config_and_the_worker_se
     a head running on this machine (the guest reaches it at 10.0.2.2, qemu's address for this
     host; the head reaches the guest's RPC port through a forwarded port), which then serves a
     chat request with every layer on the emulated machine."""
-    cluster = make_cluster(tiny_model, workers=0, heartbeat=0.5)
     rpc_fwd = free_port()
+    # Behind qemu's NAT the head sees the VM at 127.0.0.1: its own configuration says where to dial
+    # the VM's RPC server (a node cannot advertise that on its own).
+    cluster = make_cluster(tiny_model, workers=0, heartbeat=0.5, head_args=["--node-rpc", f"qemu-worker=127.0.0.1:{rpc_fwd}"])
     cfg = tmp_path / "anyway.conf"
     cfg.write_text(
         "# test config\n"
@@ -638,7 +650,8 @@ def test_disk_image_boots_in_qemu_first_boot_checks_the_config_and_the_worker_se
         f"rpc_advertise = 127.0.0.1:{rpc_fwd}\n"
         "ssh_key = ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl op@laptop\n"
     )
-    files = {"anyway.conf": cfg, **{f"keys/{f}": cluster.keys / f for f in ("client.key_secret", "client.key", "server.key")}}
+    bundle = cluster.node_keys("qemu-worker")
+    files = {"anyway.conf": cfg, **{f"keys/{f}": bundle / f for f in ("node.key_secret", "server.key")}}
     vm = QemuBoot(tmp_path, files, hostfwd=f"tcp:127.0.0.1:{rpc_fwd}-:50052")
     try:
         vm.wait_text("first-boot check", "anyway-firstboot: /boot/anyway/anyway.conf is valid")
@@ -680,22 +693,22 @@ def test_disk_image_boots_in_qemu_first_boot_checks_the_config_and_the_worker_se
 
 @image_test(BUILD_TIMEOUT_S)
 def test_disk_image_boots_with_uefi_and_refuses_a_bad_config(built: Path, tmp_path: Path, make_cluster: Any, tiny_model: Path) -> None:
-    """UEFI boot (OVMF firmware, systemd-boot). anyway.conf names the head but the keys come
-    from another cluster: the console lists the problems and the worker is not started."""
+    """UEFI boot (OVMF firmware, systemd-boot). anyway.conf names the head but the keys folder
+    holds the head's secret instead of its public key: the console lists the problems and the
+    worker is not started."""
     cluster = make_cluster(tiny_model, workers=0, heartbeat=0.5)
-    other = tmp_path / "other"
-    init_keys(other)
+    bundle = cluster.node_keys("uefi-worker")
     cfg = tmp_path / "anyway.conf"
     cfg.write_text(f"head = 10.0.2.2:{cluster.control.rsplit(':', 1)[1]}\nname = Bad_Name\n")
-    files = {"anyway.conf": cfg, "keys/client.key_secret": cluster.keys / "client.key_secret",
-             "keys/client.key": other / "client.key", "keys/server.key": cluster.keys / "server.key"}
+    files = {"anyway.conf": cfg, "keys/node.key_secret": bundle / "node.key_secret",
+             "keys/server.key": cluster.keys / "server.key_secret"}
     vm = QemuBoot(tmp_path, files, uefi=True)
     try:
         vm.wait_text("first-boot check", "anyway-firstboot: /boot/anyway/anyway.conf is INVALID (2 problems):")
         vm.wait_text("the verdict", "the worker was NOT started", 60)
         out = vm.text()
         assert "ERROR anyway.conf line 2: name 'Bad_Name'" in out
-        assert "ERROR keys/client.key: does not belong to client.key_secret" in out
+        assert "ERROR keys/server.key: contains the head's SECRET key" in out
         vm.wait_text("login prompt", "login:", 180)
         assert "Anyway worker: NOT STARTED, anyway.conf has problems" in vm.text()
         time.sleep(5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.common.config import Timing
-from appliance.core.membership import Membership, NodeState, Refusal
+from appliance.core.membership import BadValue, Membership, NodeState, Refusal
 from appliance.common.protocol import PROTOCOL_MAJOR
 
 T = Timing().with_interval(0.5).heartbeat  # suspect after 2 s, dead after 5 s, settle 1 s
@@ -134,10 +134,102 @@ def test_refused_rpc_port_marks_the_node_until_it_answers_or_rejoins() -> None:
     assert not m.nodes["w1"].rpc_refused
 
 
-def test_garbage_in_resource_fields_is_ignored() -> None:
+# ------------------------------------------------ hostile values (docs/SECURITY.md)
+ABSURD = [
+    pytest.param({"memory": {"total": 1 << 60, "free": 1 << 60, "plannable": 1 << 60}}, "more than any box", id="exabytes"),
+    pytest.param({"memory": {"total": 10 ** 400}}, "more than any box", id="beyond-float-range"),
+    pytest.param({"memory": {"total": -1}}, "byte count", id="negative-memory"),
+    pytest.param({"memory": {"total": 8e9}}, "byte count", id="float-memory"),
+    pytest.param({"memory": "lots"}, "memory", id="memory-not-object"),
+    pytest.param({"speed": float("nan")}, "speed", id="nan-speed"),
+    pytest.param({"speed": float("inf")}, "speed", id="inf-speed"),
+    pytest.param({"speed": 1e300}, "speed", id="absurd-speed"),
+    pytest.param({"speed": -3}, "speed", id="negative-speed"),
+    pytest.param({"speed": "fast"}, "speed", id="speed-not-number"),
+    pytest.param({"devices": "gpu"}, "devices", id="devices-not-list"),
+    pytest.param({"devices": [{"name": "GPU", "total_bytes": 1 << 62}]}, "more than any box", id="absurd-device"),
+    pytest.param({"devices": [{"name": "x"}] * 100}, "devices", id="too-many-devices"),
+    pytest.param({"rpc_ready": "yes"}, "rpc_ready", id="ready-not-bool"),
+    pytest.param({"load": [1]}, "load", id="load-not-object"),
+    pytest.param({"data_plane": "carrier-pigeon"}, "data_plane", id="unknown-data-plane"),
+]
+
+
+@pytest.mark.parametrize("override, reason", ABSURD)
+def test_absurd_hello_values_are_refused_and_never_planned(override: dict, reason: str) -> None:  # type: ignore[type-arg]
     m = fresh()
-    node, _ = m.hello(identity=b"a", body=hello(memory="lots", devices="gpu", speed=-3, load=[1]), peer_address="10.0.0.5", now=0.0)
-    assert node.plannable_bytes == 0 and node.devices == [] and node.speed == 1.0 and node.load == {}
+    with pytest.raises(BadValue) as exc:
+        m.hello(identity=b"a", body=hello(**override), peer_address="10.0.0.5", now=0.0)
+    assert reason in exc.value.reason
+    assert m.nodes == {} and m.refused["w1"].reason == exc.value.reason
+
+
+@pytest.mark.parametrize("override, reason", [p for p in ABSURD if p.id != "unknown-data-plane"])
+def test_a_heartbeat_with_an_absurd_value_changes_nothing(override: dict, reason: str) -> None:  # type: ignore[type-arg]
+    m = fresh()
+    node, _ = m.hello(identity=b"a", body=hello(), peer_address="10.0.0.5", now=0.0)
+    before = (node.memory_total, node.plannable_bytes, node.speed, node.devices, node.load, node.rpc_ready, node.last_seen)
+    with pytest.raises(BadValue, match=reason.split()[0]):
+        m.heartbeat(identity=b"a", body=override, now=1.0)
+    assert (node.memory_total, node.plannable_bytes, node.speed, node.devices, node.load, node.rpc_ready, node.last_seen) == before
+
+
+def test_a_node_offers_no_more_than_it_has() -> None:
+    m = fresh()
+    node, _ = m.hello(identity=b"a", body=hello(memory={"total": 8 << 30, "free": 9 << 30, "plannable": 40 << 30}),
+                      peer_address="10.0.0.5", now=0.0)
+    assert node.plannable_bytes == node.memory_free == 8 << 30
+
+
+def test_load_figures_out_of_range_are_left_out() -> None:
+    m = fresh()
+    node, _ = m.hello(identity=b"a", body=hello(load={"cpu_percent": float("nan"), "ram_percent": 1e300, "loadavg_1m": 0.5}),
+                      peer_address="10.0.0.5", now=0.0)
+    assert node.load == {"loadavg_1m": 0.5}
+
+
+def test_the_rpc_endpoint_is_where_the_control_connection_comes_from() -> None:
+    m = fresh()
+    node, _ = m.hello(identity=b"a", body=hello(rpc_host="203.0.113.7"), peer_address="::ffff:10.0.0.5", now=0.0)
+    assert node.rpc_endpoint == "10.0.0.5:50052"  # not the address the node claims
+
+
+def test_an_advertised_endpoint_needs_the_heads_configuration() -> None:
+    m = fresh()
+    with pytest.raises(Refusal, match="--node-rpc w1=HOST:PORT"):
+        m.hello(identity=b"a", body=hello(rpc_advertise="198.51.100.9:22"), peer_address="10.0.0.5", now=0.0)
+    allowed = Membership(timing=T, rpc_protocol="7.0.0", package_version="0.1.0", rpc_endpoints={"w1": ("192.0.2.4", 6000)})
+    node, _ = allowed.hello(identity=b"a", body=hello(rpc_advertise="198.51.100.9:22"), peer_address="10.0.0.5", now=0.0)
+    assert node.rpc_endpoint == "192.0.2.4:6000"  # the head's configuration, not the node's claim
+
+
+def test_a_key_announces_only_its_own_node() -> None:
+    m = fresh()
+    with pytest.raises(Refusal, match="cannot announce a node named 'w2'"):
+        m.hello(identity=b"a", body=hello(name="w2"), peer_address="10.0.0.5", now=0.0, key_name="w1")
+    assert "w2" not in m.refused and "w1" in m.refused
+    node, _ = m.hello(identity=b"a", body=hello(name="w1"), peer_address="10.0.0.5", now=0.1, key_name="w1")
+    assert node.name == "w1"
+
+
+def test_with_keys_a_plain_data_plane_is_only_allowed_on_loopback() -> None:
+    m = Membership(timing=T, rpc_protocol="7.0.0", package_version="0.1.0", secure=True)
+    with pytest.raises(Refusal, match="must be TLS"):
+        m.hello(identity=b"a", body=hello(data_plane="plain"), peer_address="10.0.0.5", now=0.0)
+    node, _ = m.hello(identity=b"b", body=hello(name="w2", data_plane="plain"), peer_address="127.0.0.1", now=0.0)
+    assert node.data_plane == "plain"
+    node, _ = m.hello(identity=b"c", body=hello(name="w3", data_plane="tls"), peer_address="10.0.0.7", now=0.0)
+    assert node.data_plane == "tls"
+
+
+def test_a_revoked_node_leaves_at_once_and_its_connection_is_ignored() -> None:
+    m = fresh()
+    m.hello(identity=b"a", body=hello(), peer_address="10.0.0.5", now=0.0)
+    m.tick(1.5)
+    assert [e.kind for e in m.revoke("w1", now=2.0)] == ["refused"]
+    assert "w1" not in m.nodes and m.refused["w1"].reason == "its key was revoked"
+    assert m.heartbeat(identity=b"a", body={"rpc_ready": True}, now=2.1) == (None, [])
+    assert m.identities() == []
 
 
 def test_a_worker_built_with_llamafile_is_accepted_with_a_warning() -> None:

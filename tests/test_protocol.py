@@ -26,6 +26,12 @@ def test_roundtrip() -> None:
         pytest.param([P.PROTOCOL, P.HELLO, b"{bad json"], "not JSON", id="bad-json"),
         pytest.param([P.PROTOCOL, P.HELLO, b"[1,2]"], "not a JSON object", id="json-array"),
         pytest.param([P.PROTOCOL, P.HELLO, b"{" + b" " * P.MAX_BODY_BYTES + b"}"], "too large", id="too-large"),
+        pytest.param([P.PROTOCOL, P.HEARTBEAT, b"[" * 30_000 + b"]" * 30_000], "nested too deeply", id="deeply-nested"),
+        pytest.param([P.PROTOCOL, P.HEARTBEAT, b'{"speed": NaN}'], "NaN", id="nan"),
+        pytest.param([P.PROTOCOL, P.HEARTBEAT, b'{"speed": -Infinity}'], "Infinity", id="infinity"),
+        pytest.param([P.PROTOCOL, P.HEARTBEAT, b'{"memory": {"total": 1e400}}'], "beyond the range", id="float-overflow"),
+        pytest.param([P.PROTOCOL, P.HEARTBEAT, b'{"memory": {"total": ' + b"9" * 5000 + b"}}"], "integer of", id="huge-int"),
+        pytest.param([P.PROTOCOL, P.HEARTBEAT, b'{"x": ' + b"9" * 30 + b"}"], "integer of", id="long-int"),
     ],
 )
 def test_bad_frames(frames: list[bytes], why: str) -> None:
@@ -43,3 +49,11 @@ def test_a_chunk_carries_its_bytes_and_nothing_else_may() -> None:
         P.decode([*frames[:3], b"x" * (P.MAX_PAYLOAD_BYTES + 1)], allowed=P.HEAD_TYPES)
     with pytest.raises(P.BadFrame, match="unknown message type"):
         P.decode(frames, allowed=P.WORKER_TYPES)  # a worker never sends chunks
+def test_numbers_a_box_sends_still_parse() -> None:
+    body = {"memory": {"total": 64 << 40}, "speed": 1234.5, "load": {"loadavg_1m": 0.0}, "rpc_port": 65535}
+    assert P.decode(P.encode(P.HEARTBEAT, body), allowed=P.WORKER_TYPES).body == body
+
+
+def test_nan_is_never_sent() -> None:
+    with pytest.raises(ValueError):
+        P.encode(P.HEARTBEAT, {"speed": float("nan")})

@@ -21,6 +21,7 @@ drafts keep failing.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from appliance.engine.drafting import (
     expected_tokens,
 )
 from appliance.engine.engine import Engine
+from appliance.engine.lanes import Lanes
 from appliance.head.text import Tokenizer
 from helpers import derive_vocab_model
 
@@ -203,6 +205,58 @@ def test_the_counters_move(prompt_drafts: LocalEngine, tok: Tokenizer) -> None:
     assert eng.accepted - before[1] == done.accepted > 0
     assert done.accepted <= done.drafted
     assert eng.speculation == "prompt"
+
+
+def test_lanes_draft_in_their_own_contexts_and_write_what_each_request_gets_alone(
+    demo_model: Path, tiny_model: Path, plain: LocalEngine, tok: Tokenizer
+) -> None:
+    """Two lanes (appliance.engine.lanes: a thread each) over one loaded model and one set of
+    draft weights, each lane with its own draft-model context: concurrent requests write
+    their plain text, and the lanes' draft counters add up in the heartbeat's stats."""
+    plan = Plan(assignments=(), n_layers=30, n_ctx=N_CTX, strategy="speed", output_node="head")
+    engines: list[Engine] = []
+    for _ in range(2):
+        first = engines[0] if engines else None
+        eng = Engine(model_path=str(demo_model), plan=plan, n_ctx_seq=N_CTX, max_batch=2, n_threads=1,
+                     send=lambda m: None, draft_max=4, draft_min=3, draft_model_path=str(tiny_model),
+                     model=first.model if first else None, draft_weights=first.draft_weights if first else None)
+        eng.load()
+        engines.append(eng)
+    a, b = (e.draft_model for e in engines)
+    assert a is not None and b is not None and a is not b and a.ctx != b.ctx
+    assert a.weights is b.weights and engines[0].model is engines[1].model  # loaded once
+    reqs = [submit(tok, "repeat", "repeat", 48, ep.Sampling()), submit(tok, "code", "code", 48, ep.Sampling()),
+            submit(tok, "extract", "extract", 32, ep.Sampling(temperature=0.7, seed=3)),
+            submit(tok, "chat", "chat", 32, ep.Sampling())]
+    want = {r.id: plain.alone(r)[0] for r in reqs}
+    lanes = Lanes(engines)
+    lanes.start()
+    got: dict[str, list[int]] = {r.id: [] for r in reqs}
+    done: dict[str, ep.Done] = {}
+    try:
+        for r in reqs:
+            lanes.submit(r)  # two per lane: the lanes step at once, each drafting in its own context
+        deadline = time.monotonic() + 300
+        while len(done) < len(reqs) and time.monotonic() < deadline:
+            for m in lanes.drain():
+                assert not isinstance(m, (ep.Failed, ep.Error)), m
+                if isinstance(m, ep.Tokens):
+                    for it in m.items:
+                        got[it.rid].append(it.token)
+                elif isinstance(m, ep.Done):
+                    done[m.id] = m
+                    lanes.finished(m.id)
+            time.sleep(0.01)
+    finally:
+        lanes.stop()
+        for lane in lanes.lanes:
+            assert lane.thread is not None
+            lane.thread.join(timeout=30)
+    assert got == want
+    assert all(e.drafted > 0 for e in engines), "a lane checked no draft: nothing was tested"
+    stats = lanes.stats()
+    assert stats["drafted"] == sum(d.drafted for d in done.values()) == sum(e.drafted for e in engines)
+    assert stats["accepted"] == sum(d.accepted for d in done.values()) > 0
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(demo_model: Path, tiny_model: Path, tmp_path: Path) -> None:

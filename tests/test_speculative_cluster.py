@@ -161,6 +161,26 @@ def test_prompt_drafts_across_a_worker_killed_mid_stream(prompt_cluster: LocalCl
     assert state["engine"]["generation"] > gen  # the stream really moved to a new engine
 
 
+# ------------------------------------------------------------ with lanes
+def test_prompt_drafts_in_two_lanes_write_the_one_process_text(
+    make_cluster: Any, demo_model: Path, expected: dict[str, str]
+) -> None:
+    """`--lanes 2`: each lane (a thread and a context of its own) checks its own request's
+    drafts in its own pass; the heartbeat adds up both lanes' draft counters."""
+    c = make_cluster(demo_model, workers=2, head_args=["--lanes", "2", "--max-batch", "2", "--draft-min", "4"])
+    c.wait_serving(nodes=2)
+    assert c.cluster_state()["engine"]["lanes"] == 2
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda m: answer(c, m), [REPEAT, EDIT]))
+    assert [text for text, _ in got] == [expected["repeat"], expected["edit"]]
+    counts = [drafts(usage) for _, usage in got]
+    assert all(a + r > 0 for a, r in counts), counts  # both lanes checked drafts
+    total = sum(a + r for a, r in counts)
+    state = c.wait(lambda s: s["engine"]["stats"]["drafted"] >= total, timeout_s=10,
+                   what="both lanes' drafts in the engine's heartbeat")
+    assert state["engine"]["stats"]["drafted"] == state["engine"]["speculation"]["drafted"] == total
+
+
 # ------------------------------------------------------------ draft model
 def test_a_draft_model_writes_the_one_process_text_alone_and_batched(
     model_cluster: LocalCluster, expected: dict[str, str]

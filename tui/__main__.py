@@ -1,4 +1,5 @@
-"""`python -m tui [--url URL] [--api-key KEY]`: the dashboard without the `anyway` CLI (same as `anyway tui`)."""
+"""`python -m tui [--url URL]`: the dashboard without the `anyway` CLI (same as `anyway tui`).
+Keys from the environment only (ANYWAY_API_KEY, ANYWAY_ADMIN_KEY): never on a command line."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from .app import run_dashboard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tui", description="Anyway's terminal dashboard")
     p.add_argument("--url", default=os.environ.get("ANYWAY_URL", "http://127.0.0.1:8080"), help="the head's API")
-    p.add_argument("--api-key", default=os.environ.get("ANYWAY_API_KEY"))
     args = p.parse_args(argv)
-    return run_dashboard(url=args.url, api_key=args.api_key)
+    return run_dashboard(url=args.url, api_key=os.environ.get("ANYWAY_API_KEY") or None,
+                         admin_key=os.environ.get("ANYWAY_ADMIN_KEY") or None)
 
 
 if __name__ == "__main__":

@@ -202,8 +202,9 @@ class AnywayApp(App[int]):
         self.refresh_now()
 
 
-def run_dashboard(*, url: str, api_key: str | None) -> int:
-    """Run the dashboard against the head at `url` until the operator quits; the exit code."""
-    app = AnywayApp(source=HttpSource(url=url, api_key=api_key))
+def run_dashboard(*, url: str, api_key: str | None, admin_key: str | None = None) -> int:
+    """Run the dashboard against the head at `url` until the operator quits; the exit code.
+    `admin_key` (if any) goes with drain, uncordon and reload only."""
+    app = AnywayApp(source=HttpSource(url=url, api_key=api_key, admin_key=admin_key))
     code = app.run()
     return int(code or 0)

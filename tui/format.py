@@ -174,6 +174,12 @@ def devices_summary(node: NodeStatus) -> str:
     return "+".join(f"{n}{kind}" if n > 1 else kind for kind, n in counts.items())
 
 
+def busy(node: NodeStatus) -> str:
+    """The share of wall time the node's RPC server computed: an idle pipeline shows low."""
+    b = node.load.rpc_busy
+    return "—" if b is None else f"{b:.0%}"
+
+
 def cpu_load(node: NodeStatus) -> str:
     cpu = node.load.cpu_percent
     return "—" if cpu is None else f"{cpu:.0f}%"

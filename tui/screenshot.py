@@ -11,6 +11,7 @@ refresh the screenshot in the README:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,13 +43,12 @@ def take(*, url: str, api_key: str | None, out: Path, size: tuple[int, int], sec
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tui.screenshot", description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8080")
-    p.add_argument("--api-key", default=None)
     p.add_argument("--out", type=Path, default=Path("docs/dashboard.svg"))
     p.add_argument("--size", default="100x30", help="terminal size, COLSxROWS")
     p.add_argument("--seconds", type=float, default=8.0, help="how long to poll before the shot")
     args = p.parse_args(argv)
     cols, rows = (int(x) for x in args.size.lower().split("x"))
-    path = take(url=args.url, api_key=args.api_key, out=args.out, size=(cols, rows), seconds=args.seconds)
+    path = take(url=args.url, api_key=os.environ.get("ANYWAY_API_KEY") or None, out=args.out, size=(cols, rows), seconds=args.seconds)
     print(path)
     return 0
 

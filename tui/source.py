@@ -153,17 +153,20 @@ class HttpSource(ClusterSource):
         *,
         url: str,
         api_key: str | None = None,
+        admin_key: str | None = None,
         timeout_s: float = 5.0,
         max_tokens: int | None = 512,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """`max_tokens` caps each chat answer (None: the head's own limit, the context size);
-        `transport` replaces the network (httpx.MockTransport in unit tests)."""
+        `transport` replaces the network (httpx.MockTransport in unit tests). `admin_key` is
+        sent with drain, uncordon and reload only (the head refuses them the inference key)."""
         self.url = url.rstrip("/")
         self.max_tokens = max_tokens
         self.transport = transport
         self.label = self.url
         self.api_key = api_key
+        self.admin_key = admin_key
         self.timeout_s = timeout_s
         self._client: httpx.AsyncClient | None = None
         self._model_id: str | None = None
@@ -185,10 +188,14 @@ class HttpSource(ClusterSource):
             client, self._client = self._client, None
             await client.aclose()
 
-    async def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None) -> tuple[int, Any]:
-        """(HTTP status, decoded JSON body) of a successful answer; every failure as a `SourceError`."""
+    async def _request(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, admin: bool = False
+    ) -> tuple[int, Any]:
+        """(HTTP status, decoded JSON body) of a successful answer; every failure as a `SourceError`.
+        `admin`: an action that changes state, sent with the admin key."""
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if admin and self.admin_key else None
         try:
-            response = await self._http().request(method, path, params=params)
+            response = await self._http().request(method, path, params=params, headers=headers)
         except httpx.TransportError as exc:
             raise HeadUnreachable(f"{self.url}: {_transport_reason(exc)}") from None
         if response.status_code >= 400:
@@ -201,9 +208,9 @@ class HttpSource(ClusterSource):
             ) from None
 
     async def _parsed(
-        self, model: type[M], method: str, path: str, *, params: dict[str, Any] | None = None
+        self, model: type[M], method: str, path: str, *, params: dict[str, Any] | None = None, admin: bool = False
     ) -> M:
-        status, body = await self._request(method, path, params=params)
+        status, body = await self._request(method, path, params=params, admin=admin)
         return parse_answer(model, body, what=path, status=status)
 
     async def cluster(self) -> ClusterStatus:
@@ -215,13 +222,13 @@ class HttpSource(ClusterSource):
 
     async def drain(self, node: str, *, force: bool = False) -> NodeActionResult:
         params = {"force": "true"} if force else None
-        return await self._parsed(NodeActionResult, "POST", f"/v1/nodes/{node}/drain", params=params)
+        return await self._parsed(NodeActionResult, "POST", f"/v1/nodes/{node}/drain", params=params, admin=True)
 
     async def uncordon(self, node: str) -> NodeActionResult:
-        return await self._parsed(NodeActionResult, "POST", f"/v1/nodes/{node}/uncordon")
+        return await self._parsed(NodeActionResult, "POST", f"/v1/nodes/{node}/uncordon", admin=True)
 
     async def reload(self) -> ReloadResult:
-        return await self._parsed(ReloadResult, "POST", "/v1/reload")
+        return await self._parsed(ReloadResult, "POST", "/v1/reload", admin=True)
 
     async def _model(self) -> str:
         """The id of the model the head serves (`GET /v1/models`, OpenAI's shape), cached."""

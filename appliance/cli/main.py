@@ -7,7 +7,7 @@
     anyway plan MODEL --node NAME=MEM ...      placement plan (pure, no cluster needed)
     anyway status | drain NODE | uncordon NODE cluster state and operator actions (HTTP)
     anyway tui                                 the terminal dashboard
-    anyway keys init DIR                       control-plane keys
+    anyway keys init|add|revoke|list DIR ...   the head's and each node's identity
     anyway model fetch demo                    download + verify the demo model
 
 Bad input (a corrupt model, a plan that cannot fit, missing keys) is one line on stderr
@@ -163,6 +163,19 @@ def _parse_node(spec: str) -> Any:
     return NodeCapacity(name=name, free_bytes=free, speed=sp, endpoint=f"{name}:{DEFAULT_RPC_PORT}")
 
 
+def _lanes_arg(text: str) -> int:
+    """--lanes: a positive number, or 'auto' (0: one per node holding layers)."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("lanes must be at least 1 (or 'auto')")
+    return n
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from appliance.common.modelfile import load_profile
     from appliance.core.planner import NodeCapacity, fmt_bytes, make_plan, moved_bytes, replan_without
@@ -173,7 +186,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         nodes.insert(0, NodeCapacity(name="head", free_bytes=_bytes_arg(args.head), is_head=True))
     if not nodes:
         raise CliError("give at least one --node NAME=MEM (or --head MEM)")
-    plan = make_plan(nodes=nodes, profile=prof, n_ctx=args.ctx, strategy=args.strategy)
+    plan = make_plan(nodes=nodes, profile=prof, n_ctx=args.ctx, strategy=args.strategy, lanes=args.lanes)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -190,7 +203,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"tensor_split={plan.tensor_split} n_gpu_layers={plan.n_gpu_layers} output on {plan.output_node}")
     print("if a node is lost (its layers go to its neighbours; the workers pre-stage them):")
     for a in plan.rpc_assignments:
-        after = replan_without(plan, nodes=[n for n in nodes if n.name != a.node], profile=prof, n_ctx=plan.n_ctx)
+        after = replan_without(plan, nodes=[n for n in nodes if n.name != a.node], profile=prof, n_ctx=plan.n_ctx,
+                               lanes=plan.lanes)
         moves = f"{fmt_bytes(moved_bytes(plan, after, prof))} of weights move" if after else "a fresh plan is needed"
         print(f"  {a.node:<12} {moves}")
     return 0
@@ -206,12 +220,33 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from appliance.common.keys import init_keys
+    from appliance.common import keys as K
 
-    d = init_keys(args.dir, force=args.force)
-    print(f"cluster keys written to {d}")
-    print(f"  head needs:    {d}/server.key_secret {d}/server.key {d}/client.key")
-    print(f"  workers need:  {d}/client.key_secret {d}/client.key {d}/server.key")
+    d = Path(args.dir)
+    if args.action == "init":
+        K.init_keys(d, force=args.force)
+        print(f"head identity written to {d} (server.key_secret stays on the head; server.key goes to every node)")
+        print(f"next: 'anyway keys add {d} NAME' for each worker, then copy {d}/{K.ISSUED_DIR}/NAME/ to that box")
+        return 0
+    if args.action in ("add", "revoke") and not args.node:
+        raise CliError(f"usage: anyway keys {args.action} DIR NODE")
+    if args.action == "add":
+        for node in args.node:
+            bundle = K.add_node(d, node, force=args.force)
+            print(f"{node}: its keys are in {bundle} (node.key_secret, server.key): copy them to the box's keys "
+                  f"directory (anyway worker --keys DIR), then delete them here; the head accepts {node} now")
+        return 0
+    if args.action == "revoke":
+        for node in args.node:
+            K.revoke_node(d, node)
+            print(f"{node}: revoked; a running head refuses its key within a second and takes it out of the plan")
+        return 0
+    allowed, revoked = K.list_nodes(d)
+    print(f"{'NODE':<24} {'STATE':<8} {'CERTIFICATE':<18} CURVE KEY")
+    for i in allowed:
+        print(f"{i.name:<24} {'allowed':<8} {i.fingerprint:<18} {i.curve_public.decode()[:12]}…")
+    for fname, i in revoked:
+        print(f"{i.name:<24} {'revoked':<8} {i.fingerprint:<18} {i.curve_public.decode()[:12]}…  ({fname})")
     return 0
 
 
@@ -231,8 +266,60 @@ def _worker_keys(args: argparse.Namespace) -> Any:
     if args.insecure:
         return None
     if not args.keys:
-        raise CliError("give --keys DIR (copied from the head's 'anyway keys init'), or --insecure for development")
+        raise CliError("give --keys DIR (this node's keys: 'anyway keys add DIR NAME' on the head), or --insecure for development")
     return load_worker_keys(args.keys)
+
+
+def _secret(*, file: str | None, env: str, what: str) -> str | None:
+    """A key from a file (first line) or the environment; never from the command line."""
+    if file:
+        try:
+            text = Path(file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"cannot read the {what} from {file}: {exc}") from None
+        if not text or "\n" in text:
+            raise CliError(f"{file}: the {what} file must hold one non-empty line")
+        return text
+    return os.environ.get(env) or None
+
+
+def _no_key_on_command_line(args: argparse.Namespace) -> None:
+    for opt in ("api_key", "admin_key"):
+        if getattr(args, opt, None):
+            flag = "--" + opt.replace("_", "-")
+            env = "ANYWAY_API_KEY" if opt == "api_key" else "ANYWAY_ADMIN_KEY"
+            raise CliError(
+                f"{flag} no longer takes the key itself (a command line is visible to every user of the machine): "
+                f"put it in a file and pass {flag}-file PATH, or set {env}"
+            )
+
+
+def _is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _node_rpc(items: Any) -> dict[str, str]:
+    """--node-rpc NAME=HOST:PORT (repeatable) or a YAML mapping node-rpc: {NAME: HOST:PORT}."""
+    from appliance.common.netprobe import split_endpoint
+
+    pairs = list(items.items()) if isinstance(items, dict) else [str(x).partition("=")[::2] for x in items or []]
+    out = {}
+    for name, ep in pairs:
+        try:
+            split_endpoint(str(ep))
+        except ValueError:
+            raise CliError(f"--node-rpc {name}={ep}: expected NAME=HOST:PORT") from None
+        if not name:
+            raise CliError(f"--node-rpc ={ep}: the node name is missing")
+        out[str(name)] = str(ep)
+    return out
 
 
 def cmd_head(args: argparse.Namespace) -> int:
@@ -245,6 +332,17 @@ def cmd_head(args: argparse.Namespace) -> int:
     from appliance.head.tasks import TaskFailed
 
     logs.setup(proc="head", level=args.log_level, fmt=args.log_format)
+    _no_key_on_command_line(args)
+    api_key = _secret(file=args.api_key_file, env="ANYWAY_API_KEY", what="inference key")
+    admin_key = _secret(file=args.admin_key_file, env="ANYWAY_ADMIN_KEY", what="admin key")
+    if api_key and admin_key and api_key == admin_key:
+        raise CliError("the admin key must differ from the inference key")
+    if not _is_loopback_host(args.host) and not api_key and not args.open_api:
+        raise CliError(
+            f"the API would listen on {args.host} without an inference key: anyone who reaches it could use the model. "
+            "Give a key (--api-key-file PATH or ANYWAY_API_KEY; and an admin key, --admin-key-file or "
+            "ANYWAY_ADMIN_KEY, for drain/uncordon/reload), or pass --open-api if that is really what you want"
+        )
     model = resolve_model(args.model)
     load_profile(model)  # fail fast, one line
     draft = _draft_model(args, model)
@@ -260,7 +358,10 @@ def cmd_head(args: argparse.Namespace) -> int:
         head_memory_bytes=_bytes_arg(str(args.head_memory)) if args.head_memory else 0,
         strategy=args.strategy,
         engine_threads=args.threads,
-        api_key=args.api_key or os.environ.get("ANYWAY_API_KEY") or None,
+        engine_lanes=args.lanes,
+        api_key=api_key,
+        admin_key=admin_key,
+        node_rpc_endpoints=_node_rpc(args.node_rpc),
         max_body_bytes=args.max_body,
         run_dir=args.run_dir or "",
         model_name=args.model_name or "",
@@ -320,7 +421,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     logs.setup(proc="worker", level=args.log_level, fmt=args.log_format)
     keys = _worker_keys(args)
-    name = args.name or socket.gethostname().split(".")[0]
+    if keys is not None and args.name and args.name != keys.node.name:
+        raise CliError(f"--name {args.name}: this node's key is {keys.node.name!r}'s (a node may only be who its key says)")
+    name = args.name or (keys.node.name if keys is not None else socket.gethostname().split(".")[0])
+    data_plane = "plain" if keys is None else args.data_plane
     cfg = WorkerConfig(
         head=args.head,
         name=name,
@@ -334,6 +438,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         speed=args.speed,
         rpc_advertise=args.rpc_advertise or "",
         device=args.device,
+        keys_dir=args.keys or "",
+        data_plane=data_plane,
         timing=parse_timing(args),
     )
     return run_worker(cfg, keys=keys)
@@ -404,16 +510,17 @@ def format_status(s: "ClusterStatus") -> str:
     lines += [
         "",
         f"{'NODE':<14} {'STATE':<10} {'ADDRESS':<22} {'HB AGE':>7} {'LAYERS':<9} {'FREE':>10} {'PLANNED':>10}"
-        f" {'IF LOST':>16}  VERSION",
+        f" {'BUSY':>5} {'IF LOST':>16}  VERSION",
     ]
     for n in s.nodes:
         layers = f"{n.layers[0]}-{n.layers[1] - 1}" if n.layers else "-"
         f = n.failover
         lost = "-" if f is None else (fmt_bytes(f.bytes) + (" staged" if f.staged else "") if f.possible else "re-plan")
+        busy = "-" if n.load.rpc_busy is None else f"{n.load.rpc_busy:.0%}"
         lines.append(
             f"{n.name:<14} {n.state.value:<10} {str(n.rpc_endpoint or n.address):<22} "
             f"{n.heartbeat_age_s:>6.1f}s {layers:<9} {fmt_bytes(n.memory.free_bytes):>10} "
-            f"{fmt_bytes(n.memory.planned_bytes):>10} {lost:>16}  {n.versions.package or '?'}"
+            f"{fmt_bytes(n.memory.planned_bytes):>10} {busy:>5} {lost:>16}  {n.versions.package or '?'}"
             + (f"  ({n.reason})" if n.reason else "")
         )
     return "\n".join(lines)
@@ -422,7 +529,7 @@ def format_status(s: "ClusterStatus") -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from appliance.common.kinds import HealthState
 
-    status = fetch_status(_url(args), api_key=args.api_key)
+    status = fetch_status(_url(args), api_key=_client_key(args, admin=False))
     if args.json:
         print(status.model_dump_json(indent=2))
     else:
@@ -435,7 +542,7 @@ def cmd_node_action(args: argparse.Namespace) -> int:
     url = f"{_url(args)}/v1/nodes/{args.node}/{action}"
     if action == "drain" and args.force:
         url += "?force=true"
-    code, data = _http("POST", url, api_key=args.api_key)
+    code, data = _http("POST", url, api_key=_client_key(args, admin=True))
     if code >= 400:
         raise CliError(_error_message(data))
     print(f"{args.node}: {data.get('state') if isinstance(data, dict) else data}")
@@ -447,7 +554,17 @@ def cmd_tui(args: argparse.Namespace) -> int:
         from tui.app import run_dashboard
     except ImportError as exc:
         raise CliError(f"the dashboard is not installed: {exc}") from None
-    return run_dashboard(url=_url(args), api_key=args.api_key)
+    return run_dashboard(url=_url(args), api_key=_client_key(args, admin=False), admin_key=_client_key(args, admin=True))
+
+
+def _client_key(args: argparse.Namespace, *, admin: bool) -> str | None:
+    """The key a client command sends: the admin key for actions that change state, else the
+    inference key (the admin key also reads). From files or the environment only."""
+    _no_key_on_command_line(args)
+    admin_key = _secret(file=getattr(args, "admin_key_file", None), env="ANYWAY_ADMIN_KEY", what="admin key")
+    if admin:
+        return admin_key
+    return _secret(file=getattr(args, "api_key_file", None), env="ANYWAY_API_KEY", what="inference key") or admin_key
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -473,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head", metavar="MEM", help="memory the head's own CPU lends to layers")
     s.add_argument("--ctx", type=int, default=DEFAULT_N_CTX, help="context size in tokens")
     s.add_argument("--strategy", choices=["memory", "proportional", "speed"], default="proportional")
+    s.add_argument("--lanes", type=int, default=1, help="engine lanes (each has its compute buffers on every node)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
@@ -481,10 +599,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("which", choices=["demo"])
     s.set_defaults(func=cmd_model)
 
-    s = sub.add_parser("keys", help="control-plane keys")
-    s.add_argument("action", choices=["init"])
+    s = sub.add_parser(
+        "keys", help="the cluster's identities: init (the head's), add/revoke a node, list",
+        description="init DIR: the head's identity. add DIR NODE...: issue nodes their own keys (DIR/issued/NODE/ "
+        "goes to the box). revoke DIR NODE...: a running head refuses them at once. list DIR.",
+    )
+    s.add_argument("action", choices=["init", "add", "revoke", "list"])
     s.add_argument("dir")
-    s.add_argument("--force", action="store_true")
+    s.add_argument("node", nargs="*", help="node name(s), for add and revoke")
+    s.add_argument("--force", action="store_true", help="init: replace the head's identity; add: re-issue a node's key")
     s.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("head", help="run the head (supervisor, engine, API)")
@@ -495,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=DEFAULT_API_PORT, help="API port")
     s.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="context per request, tokens")
     s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="requests decoded together")
+    s.add_argument("--lanes", type=_lanes_arg, default=1,
+                   help="engine contexts decoding at once over the same weights, so concurrent requests keep "
+                        "every worker busy: a number, or 'auto' (one per node holding layers)")
     s.add_argument("--max-queued", type=int, default=32,
                    help="requests waiting for a place in the batch; more get 429 with Retry-After")
     s.add_argument("--head-memory", default="", help="memory the head's CPU lends to layers (0: none)")
@@ -507,7 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-tokens", type=int, default=0, help="per-request completion limit (0: the context)")
     s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or ANYWAY_API_KEY)")
+    s.add_argument("--api-key-file", help="file holding the inference key required on /v1 (or ANYWAY_API_KEY)")
+    s.add_argument("--admin-key-file", help="file holding the admin key for drain/uncordon/reload (or ANYWAY_ADMIN_KEY)")
+    s.add_argument("--api-key", "--admin-key", dest="api_key", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--open-api", action="store_true",
+                   help="serve the API on a network address without an inference key (anyone who reaches it may use it)")
+    s.add_argument("--node-rpc", action="append", default=None, metavar="NAME=HOST:PORT",
+                   help="dial NAME's RPC server here instead of where its control connection comes from (NAT, port "
+                        "forward); no node may advertise an endpoint the head's configuration does not give it")
     s.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     s.add_argument("--run-dir", default=None)
     s.add_argument("--recovery-timeout", type=float, default=None, help="seconds a request waits for a healed engine")
@@ -539,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speed", type=float, default=0.0, help="speed to report (default: measured at start-up)")
     s.add_argument("--rpc-advertise", help="HOST:PORT the head should use to reach the RPC server (NAT, proxy)")
     s.add_argument("--device", default="auto", help="device to serve: auto (first GPU, else CPU), cpu, gpu, or a ggml index/name")
+    s.add_argument("--data-plane", choices=["tls", "plain"], default="tls",
+                   help="tls (default): the RPC server on loopback behind TLS with the cluster's keys; plain: the RPC "
+                        "server itself on --rpc-host, which must then be a loopback address (anyway up)")
     _add_common_cluster(s)
     s.set_defaults(func=cmd_worker)
 
@@ -565,21 +701,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("status", "show the cluster"),):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--url", help=f"head API (default http://127.0.0.1:{DEFAULT_API_PORT}, or ANYWAY_URL)")
-        s.add_argument("--api-key", default=os.environ.get("ANYWAY_API_KEY"))
+        s.add_argument("--api-key-file", help="file holding the inference key (or ANYWAY_API_KEY)")
+        s.add_argument("--api-key", dest="api_key", default=None, help=argparse.SUPPRESS)
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=cmd_status)
     for name, helptext in (("drain", "move a node's layers to the others"), ("uncordon", "let a drained node hold layers again")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("node")
         s.add_argument("--url")
-        s.add_argument("--api-key", default=os.environ.get("ANYWAY_API_KEY"))
+        s.add_argument("--admin-key-file", help="file holding the admin key (or ANYWAY_ADMIN_KEY)")
+        s.add_argument("--api-key", "--admin-key", dest="api_key", default=None, help=argparse.SUPPRESS)
         if name == "drain":
             s.add_argument("--force", action="store_true", help="drain even if the model no longer fits")
         s.set_defaults(func=cmd_node_action)
 
     s = sub.add_parser("tui", help="the terminal dashboard")
     s.add_argument("--url")
-    s.add_argument("--api-key", default=os.environ.get("ANYWAY_API_KEY"))
+    s.add_argument("--api-key-file", help="file holding the inference key (or ANYWAY_API_KEY)")
+    s.add_argument("--admin-key-file", help="file holding the admin key, for drain/uncordon/reload (or ANYWAY_ADMIN_KEY)")
+    s.add_argument("--api-key", "--admin-key", dest="api_key", default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_tui)
     return p
 

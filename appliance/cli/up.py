@@ -2,7 +2,9 @@
 
 Starts a head and N workers on loopback, each its own `anyway` process exactly as on
 real boxes (killing a worker is like unplugging a box), with fresh cluster keys in the
-state directory. Shows load progress, prints the endpoint, then either opens the
+state directory: the head's identity and one per worker (`anyway keys add`). On loopback
+the data plane may stay plain TCP (`data_plane="plain"`, the default here); tests pass
+"tls" to run the same authenticated, encrypted channel as real boxes. Shows load progress, prints the endpoint, then either opens the
 dashboard (in a terminal) or waits. Ctrl-C / SIGTERM stops every process it started.
 """
 
@@ -20,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from appliance.common.keys import init_keys
+from appliance.common.keys import ISSUED_DIR, NODES_DIR, add_node, init_keys
 from appliance.common.kinds import HealthState, NodeState
 from appliance.common.modelfile import load_profile, resolve_model
 from appliance.common.process import die_with_parent, terminate
@@ -65,6 +67,7 @@ class LocalCluster:
         strategy: str = "memory",
         heartbeat_interval: float | None = None,
         control_bind_host: str = "127.0.0.1",
+        data_plane: str = "plain",
     ) -> None:
         self.model = Path(model)
         self.state_dir = Path(state_dir)
@@ -78,6 +81,7 @@ class LocalCluster:
         self.control_bind = f"tcp://{control_bind_host}:{self.control_port}"
         self.control = f"tcp://127.0.0.1:{self.control_port}"  # where local workers connect
         self.n_ctx, self.max_batch, self.strategy = n_ctx, max_batch, strategy
+        self.data_plane = data_plane
         self.hb = ["--heartbeat-interval", str(heartbeat_interval)] if heartbeat_interval else []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, list[str]] = {}
@@ -133,6 +137,12 @@ class LocalCluster:
             wrapper=wrapper,
         )
 
+    def node_keys(self, name: str) -> Path:
+        """`name`'s own keys directory (issued once, like `anyway keys add`)."""
+        if not (self.keys / NODES_DIR / f"{name}.key").exists():
+            add_node(self.keys, name)
+        return self.keys / ISSUED_DIR / name
+
     def start_worker(
         self,
         name: str,
@@ -156,8 +166,9 @@ class LocalCluster:
             str(self.state_dir / f"cache-{name}"),
             "--threads",
             str(threads),
-            "--keys",
-            str(self.keys),
+            *([] if "--keys" in (extra or []) else ["--keys", str(self.node_keys(name))]),
+            "--data-plane",
+            self.data_plane,
             *self.hb,
             *(["--max-memory", memory] if memory else []),
             *(extra or []),

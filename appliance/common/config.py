@@ -79,9 +79,17 @@ class RecoveryTiming:
     """Before the first plan, wait this long for nodes still joining (plan once, not twice)."""
     RPC_PROBE_TIMEOUT_S: float = 0.5
     """A TCP connect to a worker's RPC port that takes longer counts as no answer."""
+    RPC_START_PROBE_GRACE_S: float = 3.0
+    """Before an engine starts, a worker's RPC port that does not answer is tried again for this
+    long before the node is suspected: ggml's RPC server serves one client at a time and queues
+    one more, so right after the old engine left (its buffers still being freed on a big
+    model) or while probes fill that queue, a healthy server can take a moment to accept."""
     RPC_PROBE_AFTER_S: tuple[float, ...] = (0.0, 0.05, 0.2, 0.5, 1.0)
     """After a control connection drops or the engine dies, probe the plan's RPC ports at these
     delays (a killed box's processes do not all vanish in the same millisecond)."""
+    RPC_PROBE_TRIGGER_GAP_S: float = 0.04
+    """Probe triggers (dropped control connections) closer together than this share one series of
+    rounds: a peer that connects and disconnects in a loop cannot make the head probe without end."""
     REQUEST_RECOVERY_TIMEOUT_S: float = 120.0
     """How long a request waits for a healed engine before it gets 503."""
     RETRY_AFTER_S: int = 5
@@ -92,6 +100,13 @@ class RecoveryTiming:
     """At most one `refused` event per remote endpoint per this (a refused node retries)."""
     BAD_FRAME_LOG_INTERVAL_S: float = 1.0
     """At most one log line per this for malformed control frames (they are all counted)."""
+    CONTROL_MESSAGES_PER_S: float = 50.0
+    """A node sends about two control messages a second; past this rate (sustained) the rest of
+    its messages are dropped as a flood and counted as bad frames ..."""
+    CONTROL_BURST_MESSAGES: int = 200
+    """... after a burst of this many (a reconnect, a backlog after a pause)."""
+    KEYS_RELOAD_INTERVAL_S: float = 0.5
+    """How often the head checks its allow-list (DIR/nodes) for added and revoked node keys."""
     THROUGHPUT_WINDOW_S: float = 5.0
     """tokens/s in /v1/cluster is averaged over this window."""
     GROWTH_DEFER_MAX_S: float = 30.0

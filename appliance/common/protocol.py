@@ -3,7 +3,8 @@
 Every message is three frames: [PROTOCOL, TYPE, JSON body], and CHUNK a fourth with its
 bytes. The ROUTER side sees the sender's routing id as an extra first frame. Anything else
 (wrong frame count, unknown protocol or type, a body that is not a JSON object or is too
-large) is rejected by `decode` with `BadFrame`; callers log it and drop it, never crash.
+large, nested too deeply, or holding NaN, Infinity, a float beyond range or an integer of
+absurd length) is rejected by `decode` with `BadFrame`; callers log it and drop it, never crash.
 
 Worker -> head: HELLO (announce), HEARTBEAT (liveness + load + tensor cache), RPC_READY,
 BYE, FETCH (send me a piece of a tensor I am to pre-stage).
@@ -15,6 +16,7 @@ STAGE (the tensors to keep and to pre-stage in the RPC server's cache), CHUNK (a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,9 @@ HEAD_TYPES = frozenset({WELCOME, REFUSE, HEARTBEAT, REANNOUNCE, STAGE, CHUNK})
 PAYLOAD_TYPES = frozenset({CHUNK})  # carry a fourth frame of raw bytes
 MAX_BODY_BYTES = 256 * 1024  # a STAGE list of a large model's tensors fits
 MAX_PAYLOAD_BYTES = 512 * 1024  # one CHUNK
+MAX_INT_DIGITS = 24
+"""Integers longer than this are no byte count or port a box sends (and Python would happily
+build a 64 KiB one that no float can hold)."""
 
 
 class BadFrame(ValueError):
@@ -55,8 +60,25 @@ class Message:
     payload: bytes | None = None
 
 
+def _no_constant(name: str) -> Any:
+    raise BadFrame(f"body holds {name}, which is not a number a box sends")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadFrame(f"body holds {text[:32]}, beyond the range of a float")
+    return value
+
+
+def _short_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BadFrame(f"body holds an integer of {len(text)} digits")
+    return int(text)
+
+
 def encode(msg_type: bytes, body: dict[str, Any] | None = None, *, payload: bytes | None = None) -> list[bytes]:
-    frames = [PROTOCOL, msg_type, json.dumps(body or {}, separators=(",", ":")).encode()]
+    frames = [PROTOCOL, msg_type, json.dumps(body or {}, separators=(",", ":"), allow_nan=False).encode()]
     return frames + [payload] if payload is not None else frames
 
 
@@ -79,9 +101,11 @@ def decode(frames: list[bytes], *, allowed: frozenset[bytes]) -> Message:
     if len(raw) > MAX_BODY_BYTES:
         raise BadFrame(f"body too large ({len(raw)} bytes)")
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadFrame(f"body is not JSON: {exc}") from None
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_short_int)
+    except BadFrame:
+        raise
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and int() beyond its digit limit
+        raise BadFrame(f"body is not JSON: {str(exc)[:200]}") from None
     except RecursionError:
         raise BadFrame("body is nested too deeply") from None
     if not isinstance(body, dict):

@@ -86,6 +86,7 @@ class NodeLoad(_Model):
     loadavg_1m: float | None = None
     rpc_rss_bytes: float | None = None
     rpc_read_bytes: float | None = None  # read by its RPC server since it started (network and cache)
+    rpc_busy: float | None = None  # fraction of wall time its RPC server computed, over the last heartbeat interval
     gpu_mem_percent: float | None = None
 
 
@@ -159,6 +160,7 @@ class PlanStatus(_Model):
     strategy: str = ""
     n_layers: int = 0
     n_ctx: int = 0
+    lanes: int = 1  # engine contexts the plan reserved compute buffers for
     output_node: str = ""
     n_gpu_layers: int = 0
     tensor_split: list[float] = Field(default_factory=list)
@@ -215,6 +217,7 @@ class EngineStatus(_Model):
     plan_nodes: list[str] = Field(default_factory=list)
     n_ctx_seq: int = 0
     max_batch: int = 0
+    lanes: int = 1  # contexts decoding at once over the same weights (appliance.engine.lanes)
     load_s: float | None = None
     restarts: int = 0
     """Engines lost unexpectedly (crashes, failed loads); planned re-plans do not count."""

@@ -95,6 +95,7 @@ class Plan:
     strategy: str
     output_node: str
     excluded: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (node, reason)
+    lanes: int = 1  # engine contexts sharing the weights (appliance.engine.lanes): each has compute buffers
 
     @property
     def rpc_assignments(self) -> tuple[Assignment, ...]:
@@ -133,13 +134,14 @@ class Plan:
 
     def key(self) -> tuple[Any, ...]:
         """What identifies a loaded layout: equal keys need no reload."""
-        return (self.n_ctx, tuple((a.node, a.endpoint, a.start, a.end) for a in self.assignments))
+        return (self.n_ctx, self.lanes, tuple((a.node, a.endpoint, a.start, a.end) for a in self.assignments))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
             "n_layers": self.n_layers,
             "n_ctx": self.n_ctx,
+            "lanes": self.lanes,
             "output_node": self.output_node,
             "n_gpu_layers": self.n_gpu_layers,
             "tensor_split": self.tensor_split,
@@ -163,41 +165,47 @@ class Plan:
             strategy=d["strategy"],
             output_node=d["output_node"],
             excluded=tuple((e["node"], e["reason"]) for e in d.get("excluded", [])),
+            lanes=int(d.get("lanes", 1)),
         )
 
 
-def compute_reserve_bytes(*, profile: ModelProfile, n_ctx: int, output: bool, n_ubatch: int = DEFAULT_UBATCH) -> int:
-    """A conservative estimate of llama.cpp's compute buffer on one device.
+def compute_reserve_bytes(
+    *, profile: ModelProfile, n_ctx: int, output: bool, n_ubatch: int = DEFAULT_UBATCH, lanes: int = 1
+) -> int:
+    """A conservative estimate of llama.cpp's compute buffers on one device.
 
     Activations for one micro-batch, the attention score matrix (no flash attention:
-    n_kv x n_ubatch x n_head floats), and on the output device the logits.
+    n_kv x n_ubatch x n_head floats), and on the output device the logits. With several
+    lanes each context has its own buffers over its share of the context.
     """
+    lanes = max(lanes, 1)
+    n_ctx_lane = -(-max(n_ctx, 1) // lanes)
     n_embd = max(profile.embedding_length, 1)
     n_head_guess = max(n_embd // 64, 1)
-    ubatch = min(n_ubatch, max(n_ctx, 1))
+    ubatch = min(n_ubatch, n_ctx_lane)
     activations = 8 * n_embd * ubatch * 4
-    scores = n_ctx * ubatch * n_head_guess * 4
+    scores = n_ctx_lane * ubatch * n_head_guess * 4
     logits = profile.vocab_size * ubatch * LOGIT_BYTES if output else 0
-    return COMPUTE_BASE_RESERVE_BYTES + activations + scores + logits
+    return lanes * (COMPUTE_BASE_RESERVE_BYTES + activations + scores + logits)
 
 
 def _per_layer_bytes(profile: ModelProfile, n_ctx: int) -> int:
     return profile.max_layer_bytes + profile.kv_bytes_per_token_per_layer * n_ctx
 
 
-def _fixed_bytes(profile: ModelProfile, n_ctx: int, *, head: bool, output: bool) -> tuple[int, int]:
+def _fixed_bytes(profile: ModelProfile, n_ctx: int, *, head: bool, output: bool, lanes: int = 1) -> tuple[int, int]:
     """(reserve, extra) bytes a node needs before its first layer."""
     extra = (profile.input_bytes if head else 0) + (profile.output_bytes if output else 0)
-    return compute_reserve_bytes(profile=profile, n_ctx=n_ctx, output=output), extra
+    return compute_reserve_bytes(profile=profile, n_ctx=n_ctx, output=output, lanes=lanes), extra
 
 
-def _room(node: NodeCapacity, profile: ModelProfile, n_ctx: int, *, output: bool) -> int:
-    reserve, extra = _fixed_bytes(profile, n_ctx, head=node.is_head, output=output)
+def _room(node: NodeCapacity, profile: ModelProfile, n_ctx: int, *, output: bool, lanes: int = 1) -> int:
+    reserve, extra = _fixed_bytes(profile, n_ctx, head=node.is_head, output=output, lanes=lanes)
     return max(0, node.free_bytes - reserve - extra)
 
 
-def _cap(node: NodeCapacity, profile: ModelProfile, n_ctx: int, *, output: bool) -> int:
-    room = _room(node, profile, n_ctx, output=output)
+def _cap(node: NodeCapacity, profile: ModelProfile, n_ctx: int, *, output: bool, lanes: int = 1) -> int:
+    room = _room(node, profile, n_ctx, output=output, lanes=lanes)
     per = _per_layer_bytes(profile, n_ctx)
     return max(0, min(profile.n_layers, room // per)) if per > 0 else profile.n_layers
 
@@ -281,12 +289,13 @@ def _fastest_first(
 
 
 def _allocate(
-    nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy, output_idx: int
+    nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy, output_idx: int,
+    lanes: int = 1,
 ) -> list[int] | None:
-    caps = [_cap(n, profile, n_ctx, output=(i == output_idx)) for i, n in enumerate(nodes)]
+    caps = [_cap(n, profile, n_ctx, output=(i == output_idx), lanes=lanes) for i, n in enumerate(nodes)]
     if sum(caps) < profile.n_layers:
         return None
-    rooms = [float(_room(n, profile, n_ctx, output=(i == output_idx))) for i, n in enumerate(nodes)]
+    rooms = [float(_room(n, profile, n_ctx, output=(i == output_idx), lanes=lanes)) for i, n in enumerate(nodes)]
     if strategy == "speed":
         return _fastest_first([n.speed for n in nodes], caps, rooms, profile.n_layers, output_idx)
     weights = [
@@ -306,7 +315,7 @@ def _allocate(
 
 
 def _try_plan(
-    nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy
+    nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy, lanes: int = 1
 ) -> tuple[list[NodeCapacity], list[int], int] | None:
     """Returns (device-ordered nodes, counts, output index) or None if it cannot fit."""
     head = [n for n in nodes if n.is_head][:1]
@@ -314,7 +323,7 @@ def _try_plan(
     if not workers:
         if not head:
             return None
-        counts = _allocate(head, profile, n_ctx, strategy, output_idx=0)
+        counts = _allocate(head, profile, n_ctx, strategy, output_idx=0, lanes=lanes)
         return (head, counts, 0) if counts is not None else None
     # The output layer goes to the last RPC device. Try the roomiest worker last first
     # (the fastest, for the speed strategy), so the output lands where it fits best;
@@ -327,7 +336,7 @@ def _try_plan(
     for last in prefs:
         ordered = head + workers[:last] + workers[last + 1 :] + [workers[last]]
         out_idx = len(ordered) - 1
-        counts = _allocate(ordered, profile, n_ctx, strategy, output_idx=out_idx)
+        counts = _allocate(ordered, profile, n_ctx, strategy, output_idx=out_idx, lanes=lanes)
         # llama.cpp puts the output on the last device that holds a layer: it must hold one.
         if counts is not None and counts[out_idx] > 0:
             if strategy != "speed":
@@ -340,14 +349,14 @@ def _try_plan(
 
 
 def _place(
-    nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy
+    nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy, lanes: int = 1
 ) -> tuple[tuple[list[NodeCapacity], list[int], int] | None, list[tuple[str, str]]]:
     """The placement (or None if it cannot fit) and the nodes left out, with why."""
     excluded: list[tuple[str, str]] = []
     usable: list[NodeCapacity] = []
     one_layer = _per_layer_bytes(profile, n_ctx)
     for n in nodes:
-        reserve, extra = _fixed_bytes(profile, n_ctx, head=n.is_head, output=False)
+        reserve, extra = _fixed_bytes(profile, n_ctx, head=n.is_head, output=False, lanes=lanes)
         need = reserve + extra + one_layer
         if n.speed <= 0 and strategy != "memory":
             excluded.append((n.name, "speed weight is 0"))
@@ -355,7 +364,7 @@ def _place(
             excluded.append((n.name, f"too small for one layer (needs {fmt_bytes(need)}, has {fmt_bytes(n.free_bytes)})"))
         else:
             usable.append(n)
-    return (_try_plan(usable, profile, n_ctx, strategy) if usable else None), excluded
+    return (_try_plan(usable, profile, n_ctx, strategy, lanes) if usable else None), excluded
 
 
 def make_plan(
@@ -364,6 +373,7 @@ def make_plan(
     profile: ModelProfile,
     n_ctx: int,
     strategy: Strategy = "proportional",
+    lanes: int = 1,
 ) -> Plan:
     """Place every layer of `profile` on `nodes`; raise `PlanError` if it cannot fit."""
     if n_ctx <= 0:
@@ -376,12 +386,14 @@ def make_plan(
     if sum(1 for n in nodes if n.is_head) > 1:
         raise PlanError("at most one node can be the head")
 
-    result, excluded = _place(nodes, profile, n_ctx, strategy)
+    if lanes < 1:
+        raise PlanError(f"lanes must be at least 1, got {lanes}")
+    result, excluded = _place(nodes, profile, n_ctx, strategy, lanes)
     if result is None:
-        raise _no_fit_error(nodes=nodes, profile=profile, n_ctx=n_ctx, strategy=strategy)
+        raise _no_fit_error(nodes=nodes, profile=profile, n_ctx=n_ctx, strategy=strategy, lanes=lanes)
     ordered, counts, out_idx = result
     return _assemble(ordered, counts, output_node=ordered[out_idx].name, profile=profile, n_ctx=n_ctx,
-                     strategy=strategy, excluded=excluded)
+                     strategy=strategy, excluded=excluded, lanes=lanes)
 
 
 def _assemble(
@@ -393,6 +405,7 @@ def _assemble(
     n_ctx: int,
     strategy: str,
     excluded: list[tuple[str, str]],
+    lanes: int = 1,
 ) -> Plan:
     """The plan for `counts[i]` contiguous layers on `ordered[i]`, in device order."""
     assignments: list[Assignment] = []
@@ -401,7 +414,7 @@ def _assemble(
         if c == 0:
             excluded.append((n.name, "not needed: the others hold every layer"))
             continue
-        reserve, extra = _fixed_bytes(profile, n_ctx, head=n.is_head, output=n.name == output_node)
+        reserve, extra = _fixed_bytes(profile, n_ctx, head=n.is_head, output=n.name == output_node, lanes=lanes)
         assignments.append(
             Assignment(
                 node=n.name,
@@ -425,6 +438,7 @@ def _assemble(
         strategy=strategy,
         output_node=output_node,
         excluded=tuple(excluded),
+        lanes=lanes,
     )
 
 
@@ -434,6 +448,7 @@ def replan_without(
     nodes: Sequence[NodeCapacity],
     profile: ModelProfile,
     n_ctx: int,
+    lanes: int = 1,
 ) -> Plan | None:
     """After losing nodes, the plan that moves the fewest layers: every survivor keeps its
     range and the lost ranges go to their neighbours (the first survivor extends down to
@@ -444,7 +459,7 @@ def replan_without(
     stable assignment, the failover plan for any single node is known in advance, so its
     layers can be staged on the survivors' disks before the failure (appliance.head.staging).
     """
-    if previous.n_ctx != n_ctx or previous.n_layers != profile.n_layers:
+    if previous.n_ctx != n_ctx or previous.n_layers != profile.n_layers or previous.lanes != lanes:
         return None
     by_name = {n.name: n for n in nodes}
     kept = [a for a in previous.assignments if a.node in by_name and a.endpoint == by_name[a.node].endpoint]
@@ -452,12 +467,12 @@ def replan_without(
         return None
     order = [by_name[a.node] for a in kept]
     last = len(kept) - 1
-    caps = [_cap(n, profile, n_ctx, output=(i == last)) for i, n in enumerate(order)]
+    caps = [_cap(n, profile, n_ctx, output=(i == last), lanes=lanes) for i, n in enumerate(order)]
     # Where a gap is split depends only on the previous plan (the memory each node had when
     # it was made), not on free memory now: the failover plan the head pre-stages for is
     # then exactly the plan it moves to, however free memory jittered in between.
     recorded = [NodeCapacity(name=a.node, free_bytes=a.free_bytes, is_head=a.is_head) for a in kept]
-    rooms = [float(_room(n, profile, n_ctx, output=(i == last))) for i, n in enumerate(recorded)]
+    rooms = [float(_room(n, profile, n_ctx, output=(i == last), lanes=lanes)) for i, n in enumerate(recorded)]
     counts = [a.n_layers for a in kept]
     if any(c > cap for c, cap in zip(counts, caps)):
         return None
@@ -480,7 +495,7 @@ def replan_without(
         return None
     gone = [(a.node, "lost: its layers went to its neighbours") for a in previous.assignments if a not in kept]
     return _assemble(order, counts, output_node=order[last].name, profile=profile, n_ctx=n_ctx,
-                     strategy=previous.strategy, excluded=gone)
+                     strategy=previous.strategy, excluded=gone, lanes=lanes)
 
 
 def moved_bytes(before: Plan, after: Plan, profile: ModelProfile) -> int:
@@ -492,10 +507,11 @@ def moved_bytes(before: Plan, after: Plan, profile: ModelProfile) -> int:
     return moved + (profile.output_bytes if after.output_node != before.output_node else 0)
 
 
-def needed_bytes(*, profile: ModelProfile, n_ctx: int, n_nodes: int) -> int:
+def needed_bytes(*, profile: ModelProfile, n_ctx: int, n_nodes: int, lanes: int = 1) -> int:
     """Total memory the model needs on `n_nodes` devices (each pays its reserve)."""
     reserves = sum(
-        compute_reserve_bytes(profile=profile, n_ctx=n_ctx, output=(i == 0)) for i in range(max(n_nodes, 1))
+        compute_reserve_bytes(profile=profile, n_ctx=n_ctx, output=(i == 0), lanes=lanes)
+        for i in range(max(n_nodes, 1))
     )
     return (
         profile.layers_total_bytes
@@ -505,17 +521,17 @@ def needed_bytes(*, profile: ModelProfile, n_ctx: int, n_nodes: int) -> int:
     )
 
 
-def _fits(nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy) -> bool:
+def _fits(nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy, lanes: int) -> bool:
     """Whether a placement exists (no plan, no error message: cheap enough to search with)."""
-    return _place(nodes, profile, n_ctx, strategy)[0] is not None
+    return _place(nodes, profile, n_ctx, strategy, lanes)[0] is not None
 
 
 def _no_fit_error(
-    *, nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy
+    *, nodes: Sequence[NodeCapacity], profile: ModelProfile, n_ctx: int, strategy: Strategy, lanes: int = 1
 ) -> PlanError:
     workers = [n for n in nodes if not n.is_head]
     have = sum(n.free_bytes for n in nodes)
-    need = needed_bytes(profile=profile, n_ctx=n_ctx, n_nodes=max(len(nodes), 1))
+    need = needed_bytes(profile=profile, n_ctx=n_ctx, n_nodes=max(len(nodes), 1), lanes=lanes)
     if not nodes:
         return PlanError(
             f"no nodes to place the model on: it needs {fmt_bytes(need)} "
@@ -528,14 +544,16 @@ def _no_fit_error(
     best = 0
     while lo <= hi and n_ctx > 1:
         mid = (lo + hi) // 2
-        if _fits(nodes, profile, mid, strategy):
+        if _fits(nodes, profile, mid, strategy, lanes):
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
     if best >= 256:
         hints.append(f"lower the context to {best} tokens or less")
     extra = max(need - have, 0)
-    per_node = _per_layer_bytes(profile, n_ctx) + compute_reserve_bytes(profile=profile, n_ctx=n_ctx, output=True)
+    per_node = _per_layer_bytes(profile, n_ctx) + compute_reserve_bytes(
+        profile=profile, n_ctx=n_ctx, output=True, lanes=lanes
+    )
     hints.append(f"add a node with at least {fmt_bytes(max(extra, per_node))} free")
     if workers:
         hints.append("free memory on the existing nodes")

@@ -132,9 +132,11 @@ def _capacities(usable: Sequence[NodeView], head_memory: int) -> list[NodeCapaci
 
 
 def _plan_for(
-    usable: Sequence[NodeView], *, profile: ModelProfile, n_ctx: int, head_memory: int, strategy: Strategy
+    usable: Sequence[NodeView], *, profile: ModelProfile, n_ctx: int, head_memory: int, strategy: Strategy, lanes: int
 ) -> Plan:
-    return make_plan(nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx, strategy=strategy)
+    return make_plan(
+        nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx, strategy=strategy, lanes=lanes
+    )
 
 
 def failover_plan(
@@ -144,7 +146,9 @@ def failover_plan(
     rest of the current plan's nodes), or None if the survivors could not hold the model
     that way. What the head pre-stages on the survivors' disks."""
     survivors = [n for n in nodes if n.name != lost and n.name in {a.node for a in current.assignments}]
-    return replan_without(current, nodes=_capacities(survivors, head_memory), profile=profile, n_ctx=n_ctx)
+    return replan_without(
+        current, nodes=_capacities(survivors, head_memory), profile=profile, n_ctx=n_ctx, lanes=current.lanes
+    )
 
 
 def desired_state(
@@ -154,6 +158,8 @@ def desired_state(
     n_ctx: int,
     head_memory: int = 0,
     strategy: Strategy = "proportional",
+    lanes: int = 1,
+    max_lanes: int = 64,
     current: Plan | None = None,
     current_considered: frozenset[str] = frozenset(),
     force_replan: bool = False,
@@ -169,6 +175,11 @@ def desired_state(
     """
     by_name = {n.name: n for n in nodes}
     usable = [n for n in nodes if n.usable]
+    # Engine lanes (appliance.engine.lanes): 0 means one per node that can hold layers, so
+    # concurrent requests can keep each busy; a stable re-plan keeps the lanes it had.
+    if lanes <= 0:
+        lanes = len(usable) + (1 if head_memory > 0 else 0)
+    lanes = max(1, min(lanes, max_lanes))
     usable_names = frozenset(n.name for n in usable)
     # Nodes that just announced themselves: plan once they are in, not twice.
     gathering = sorted(
@@ -217,7 +228,9 @@ def desired_state(
         why = "no worker is ready" + (f" ({', '.join(sorted(waiting))} joining)" if waiting else "")
         if head_memory > 0:
             try:
-                plan = _plan_for([], profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy)
+                plan = _plan_for(
+                    [], profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy, lanes=lanes
+                )
                 return Desired(plan=plan, considered=frozenset())
             except PlanError as exc:
                 return Desired(plan=None, degraded=f"{why}; {exc}", no_workers=True)
@@ -225,11 +238,15 @@ def desired_state(
     if current is not None and not force_replan and lost:
         # A node was lost: move as few layers as possible (its layers go to its neighbours);
         # nodes outside the old plan join later, at a growth re-plan.
-        stable = replan_without(current, nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx)
+        stable = replan_without(
+            current, nodes=_capacities(usable, head_memory), profile=profile, n_ctx=n_ctx, lanes=current.lanes
+        )
         if stable is not None:
             return Desired(plan=stable, considered=usable_names & (current_considered | {a.node for a in stable.assignments}))
     try:
-        plan = _plan_for(usable, profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy)
+        plan = _plan_for(
+            usable, profile=profile, n_ctx=n_ctx, head_memory=head_memory, strategy=strategy, lanes=lanes
+        )
     except PlanError as exc:
         return Desired(plan=None, considered=usable_names, degraded=str(exc))
     if current is not None and plan.key() == current.key():

@@ -24,6 +24,9 @@ Where drafts come from:
   rewrites, extractions and code edits copy long runs of their input.
 * `DraftModel`: a small model with the same vocabulary, on the head's own CPU or GPU
   (`--draft-model`), run greedily for k steps, all drafting sequences in one batch per step.
+  Its weights (`DraftWeights`) are loaded once per engine process; each engine, so each lane
+  (appliance.engine.lanes), has its own `DraftModel` context over them, stepped only by that
+  lane's thread: no draft context is shared between threads.
 
 How many (`DraftControl`): each sequence keeps an estimate of how often its drafts are
 accepted (`Acceptance`, also fed by "shadow" drafts that are made but not checked while
@@ -252,9 +255,46 @@ def local_offload_devices() -> list[int]:
     return out
 
 
+class DraftWeights:
+    """A draft model's weights, loaded once per engine process and checked against the
+    target's vocabulary. Read-only once loaded: every lane (appliance.engine.lanes) makes its
+    own `DraftModel` context over them, as the lanes do over the target's `LoadedModel`."""
+
+    def __init__(self, *, ll: Any, path: str, model: Any, vocab: Any, devices: Any) -> None:
+        self.ll, self.path, self.model, self.vocab = ll, path, model, vocab
+        self.n_vocab = int(ll.llama_vocab_n_tokens(vocab))
+        self._devices = devices  # the device list the weights were placed with (kept alive)
+
+    @classmethod
+    def load(cls, *, ll: Any, path: str, target_vocab: Any, devices: list[int]) -> "DraftWeights":
+        """Load `path` on this process's own `devices` (GPUs; none: the CPU) and refuse it when
+        its vocabulary is not the target's."""
+        mparams = ll.llama_model_default_params()
+        dev_arr = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+        mparams.devices = ctypes.addressof(dev_arr)
+        mparams.n_gpu_layers = -1 if devices else 0
+        model = ll.llama_model_load_from_file(path.encode(), mparams)
+        if not model:
+            raise DraftModelError(f"llama.cpp could not load the draft model {path}")
+        vocab = ll.llama_model_get_vocab(model)
+        why = vocab_difference(ll, target_vocab, vocab)
+        if why:
+            ll.llama_model_free(model)
+            raise DraftModelError(f"the draft model {path} cannot draft for this model: {why}")
+        return cls(ll=ll, path=path, model=model, vocab=vocab, devices=dev_arr)
+
+    def close(self) -> None:
+        """Free the weights (after every `DraftModel` over them is closed)."""
+        self.ll.llama_model_free(self.model)
+
+
 class DraftModel:
     """A small model with the target's vocabulary, local to the engine (the head's CPU, or its
     GPU when it has one), drafting greedily for every speculating sequence in one batch.
+
+    One per engine: it is a llama.cpp context (KV cache, batch, compute buffers) over shared,
+    read-only `DraftWeights`, used only by the thread that steps its engine; with lanes, each
+    lane has its own, so lanes never share a draft context (one is not safe across threads).
 
     Its context has one unified KV cache (any mix of sequence lengths is one pass; drafts need
     no bit-exactness). Each sequence's slot is the target's; `SpecState.d_past` says how much
@@ -264,33 +304,19 @@ class DraftModel:
 
     N_BATCH = 512
 
-    def __init__(
-        self, *, ll: Any, path: str, target_vocab: Any, n_ctx_seq: int, max_seqs: int, n_threads: int,
-        devices: list[int],
-    ) -> None:
+    def __init__(self, *, weights: DraftWeights, n_ctx_seq: int, max_seqs: int, n_threads: int) -> None:
+        ll = weights.ll
         self.ll = ll
-        self.path = path
-        mparams = ll.llama_model_default_params()
-        self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
-        mparams.devices = ctypes.addressof(self._devices)
-        mparams.n_gpu_layers = -1 if devices else 0
-        model = ll.llama_model_load_from_file(path.encode(), mparams)
-        if not model:
-            raise DraftModelError(f"llama.cpp could not load the draft model {path}")
-        self.model = model
-        self.vocab = ll.llama_model_get_vocab(model)
-        why = vocab_difference(ll, target_vocab, self.vocab)
-        if why:
-            ll.llama_model_free(model)
-            raise DraftModelError(f"the draft model {path} cannot draft for this model: {why}")
-        self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
+        self.weights = weights
+        self.path = weights.path
+        self.n_vocab = weights.n_vocab
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = n_ctx_seq * max_seqs
         cparams.n_batch = cparams.n_ubatch = self.N_BATCH
         cparams.n_seq_max = max_seqs
         cparams.kv_unified = True
         cparams.n_threads = cparams.n_threads_batch = n_threads
-        ctx = ll.llama_init_from_model(model, cparams)
+        ctx = ll.llama_init_from_model(weights.model, cparams)
         if not ctx:
             raise DraftModelError("llama.cpp could not create the draft model's context (out of memory?)")
         self.ctx = ctx
@@ -363,10 +389,10 @@ class DraftModel:
         return out
 
     def close(self) -> None:
+        """Free this context (the weights stay: `DraftWeights.close`)."""
         ll = self.ll
         ll.llama_batch_free(self.batch)
         ll.llama_free(self.ctx)
-        ll.llama_model_free(self.model)
 
 
 def vocab_difference(ll: Any, a: Any, b: Any) -> str:

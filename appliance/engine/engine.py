@@ -23,6 +23,9 @@ every sequence that speculates (guessed by prompt lookup or a small local draft 
 the same `llama_decode`; `_verify` samples each position with the request's own chain and
 keeps the drafts up to the first one that differs from the sampled token, then removes the
 rest of the draft from the sequence's KV cache. The text is what one token per step writes.
+With lanes (appliance.engine.lanes) every lane is an `Engine` and speculates on its own:
+its own pass-cost fit, acceptance estimates and draft-model context (over draft weights
+loaded once per process); the process adds up the lanes' draft counters.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ from typing import Any, Callable
 import numpy as np
 
 from appliance.common import engine_protocol as ep
+from appliance.common.dataplane import TunnelSpec
 from appliance.core.planner import Plan
 from appliance.engine.drafting import (
     DRAFT_MAX_TOKENS,
     DRAFT_PROBE_EVIDENCE_TOKENS,
     DRAFT_PROBE_STEPS,
     DraftModel,
+    DraftWeights,
     PassCost,
     SpecState,
     choose_length,
@@ -53,6 +58,63 @@ from appliance.engine.drafting import (
 from appliance.engine.sampling import SamplerChain, SamplingError
 
 N_BATCH = 512
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The weights, placed over the plan's workers; one or several contexts use them."""
+
+    ll: Any
+    model: Any
+    vocab: Any
+    n_vocab: int
+    local_gpus: tuple[int, ...] = ()  # this process's own GPUs (for a draft model), when asked for
+
+
+def load_model(
+    *, model_path: str, plan: Plan, send: Callable[[ep.Message], None], tunnels: TunnelSpec | None = None,
+    find_local_gpus: bool = False,
+) -> LoadedModel:
+    """Register the plan's RPC servers (through the TLS relays when `tunnels` names them) and load
+    the weights onto them, reporting progress. `find_local_gpus`: first note this process's own
+    GPUs (a draft model's place), before the RPC servers' devices join ggml's list."""
+    import llama_cpp
+    from llama_cpp import _logger as llama_logger
+
+    from appliance.common import ggml  # imports llama_cpp: only the engine process needs it
+
+    llama_logger.set_verbose(os.environ.get("ANYWAY_LLAMA_VERBOSE") == "1")
+    llama_cpp.llama_backend_init()
+    ll = llama_cpp
+    local_gpus = tuple(local_offload_devices()) if find_local_gpus else ()
+    endpoints = plan.rpc_endpoints
+    if endpoints and tunnels is not None:
+        from appliance.common.dataplane import open_tunnels
+
+        endpoints = open_tunnels(tunnels, endpoints)  # TLS relays to the workers (docs/SECURITY.md)
+    if endpoints:
+        ggml.register_rpc_servers(endpoints)
+    mparams = ll.llama_model_default_params()
+    mparams.n_gpu_layers = plan.n_gpu_layers
+    split = plan.tensor_split
+    split_arr = (ctypes.c_float * ll.LLAMA_MAX_DEVICES)(*(split + [0.0] * (ll.LLAMA_MAX_DEVICES - len(split))))
+    mparams.tensor_split = split_arr
+    last = [-1.0]
+
+    def on_progress(fraction: float, _user: Any) -> bool:
+        if fraction - last[0] >= 0.02 or fraction >= 1.0:
+            last[0] = fraction
+            send(ep.Progress(fraction=round(float(fraction), 4)))
+        return True
+
+    progress_cb = ll.llama_progress_callback(on_progress)
+    mparams.progress_callback = progress_cb
+    model = ll.llama_model_load_from_file(model_path.encode(), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {model_path} with plan over {endpoints}")
+    vocab = ll.llama_model_get_vocab(model)
+    return LoadedModel(ll=ll, model=model, vocab=vocab, n_vocab=int(ll.llama_vocab_n_tokens(vocab)),
+                       local_gpus=local_gpus)
 
 
 @dataclass
@@ -88,21 +150,29 @@ class Engine:
         max_batch: int,
         n_threads: int,
         send: Callable[[ep.Message], None],
+        model: "LoadedModel | None" = None,
+        tunnels: TunnelSpec | None = None,
         draft_max: int = DRAFT_MAX_TOKENS,
         draft_model_path: str = "",
         draft_min: int = 0,
+        draft_weights: "DraftWeights | None" = None,
     ) -> None:
+        """`model`: weights already loaded (shared by several engines, appliance.engine.lanes);
+        `draft_weights` likewise for the draft model (each engine still makes its own draft context)."""
         self.model_path = model_path
+        self.tunnels = tunnels
         self.draft_max = max(0, draft_max)  # 0: never speculate
         self.draft_min = min(max(0, draft_min), self.draft_max)  # k at least this whenever there are drafts
         self.draft_model_path = draft_model_path
-        self.draft_model: DraftModel | None = None
+        self.draft_weights = draft_weights
+        self.draft_model: DraftModel | None = None  # this engine's own draft context (never shared)
         self.cost = PassCost()  # what a decode step costs for the tokens in it (measured)
         self.plan = plan
         self.n_ctx_seq = n_ctx_seq
         self.max_batch = max(1, max_batch)
         self.n_threads = n_threads
         self.send = send
+        self.model = model
         self.queue: deque[Sequence] = deque()
         self.active: dict[str, Sequence] = {}
         self.free_slots = list(range(self.max_batch))
@@ -115,42 +185,19 @@ class Engine:
 
     # ---------------------------------------------------------------- load
     def load(self) -> None:
-        import llama_cpp
-        from llama_cpp import _logger as llama_logger
-
-        from appliance.common import ggml  # imports llama_cpp: only the engine process needs it
-
-        llama_logger.set_verbose(os.environ.get("ANYWAY_LLAMA_VERBOSE") == "1")
-        llama_cpp.llama_backend_init()
-        ll = llama_cpp
-        # The head's own GPUs, found before the RPC servers' devices join ggml's list.
-        local_gpus = local_offload_devices() if self.draft_model_path else []
-        endpoints = self.plan.rpc_endpoints
-        if endpoints:
-            ggml.register_rpc_servers(endpoints)
-
-        mparams = ll.llama_model_default_params()
-        mparams.n_gpu_layers = self.plan.n_gpu_layers
-        split = self.plan.tensor_split
-        self._split = (ctypes.c_float * ll.LLAMA_MAX_DEVICES)(*(split + [0.0] * (ll.LLAMA_MAX_DEVICES - len(split))))
-        mparams.tensor_split = self._split
-        last = [-1.0]
-
-        def on_progress(fraction: float, _user: Any) -> bool:
-            if fraction - last[0] >= 0.02 or fraction >= 1.0:
-                last[0] = fraction
-                self.send(ep.Progress(fraction=round(float(fraction), 4)))
-            return True
-
-        self._progress_cb = ll.llama_progress_callback(on_progress)
-        mparams.progress_callback = self._progress_cb
-        model = ll.llama_model_load_from_file(self.model_path.encode(), mparams)
-        if not model:
-            raise RuntimeError(f"llama.cpp could not load {self.model_path} with plan over {endpoints}")
-        self.model = model
-        self.vocab = ll.llama_model_get_vocab(model)
-        self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
-
+        """Load the model over the plan's workers (or take the one given), then make a context
+        (and, with a draft model, this engine's own draft context)."""
+        speculate = bool(self.draft_model_path and self.draft_max)
+        if self.model is None:
+            self.model = load_model(model_path=self.model_path, plan=self.plan, send=self.send, tunnels=self.tunnels,
+                                    find_local_gpus=speculate)
+        m = self.model
+        ll = m.ll
+        self.vocab, self.n_vocab = m.vocab, m.n_vocab
+        if speculate and self.draft_weights is None:
+            # Loaded once per process; engines (lanes) given the first one's share it.
+            self.draft_weights = DraftWeights.load(ll=ll, path=self.draft_model_path, target_vocab=self.vocab,
+                                                   devices=list(m.local_gpus))
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = self.n_ctx_seq * self.max_batch
         cparams.n_batch = N_BATCH
@@ -161,7 +208,7 @@ class Engine:
         cpu = os.cpu_count() or 1
         cparams.n_threads = self.n_threads or max(cpu // 2, 1)
         cparams.n_threads_batch = self.n_threads or cpu
-        ctx = ll.llama_init_from_model(model, cparams)
+        ctx = ll.llama_init_from_model(m.model, cparams)
         if not ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory on a node?)")
         self.ctx = ctx
@@ -169,11 +216,10 @@ class Engine:
         self.n_ctx_seq = int(ll.llama_n_ctx_seq(ctx))
         self.batch = ll.llama_batch_init(max(N_BATCH, self.max_batch), 0, 1)
         self.ll = ll
-        if self.draft_model_path and self.draft_max:
-            self.draft_model = DraftModel(
-                ll=ll, path=self.draft_model_path, target_vocab=self.vocab, n_ctx_seq=self.n_ctx_seq,
-                max_seqs=self.max_batch, n_threads=cparams.n_threads, devices=local_gpus,
-            )
+        if speculate:
+            assert self.draft_weights is not None
+            self.draft_model = DraftModel(weights=self.draft_weights, n_ctx_seq=self.n_ctx_seq,
+                                          max_seqs=self.max_batch, n_threads=cparams.n_threads)
 
     @property
     def speculation(self) -> str:

@@ -40,8 +40,18 @@ class HeadConfig:
     """Per-request completion limit (0: up to the context)."""
     engine_threads: int = 0
     """llama.cpp threads in the engine (0: its default)."""
+    engine_lanes: int = 1
+    """Contexts decoding at once over the same weights, so concurrent requests keep every
+    worker busy (appliance.engine.lanes); 1: one context; 0: one per node holding layers.
+    Never more than max_batch (each lane holds at least one sequence)."""
     api_key: str | None = None
-    """Bearer token required on /v1 (None: open)."""
+    """Inference key: bearer token required on /v1 (None: open, loopback only)."""
+    admin_key: str | None = None
+    """Admin key: the only key that may change state (drain, uncordon, reload); distinct from
+    the inference key. None: admin actions only when the API is open (no keys, loopback)."""
+    node_rpc_endpoints: dict[str, str] = field(default_factory=dict)
+    """NODE -> HOST:PORT to dial for that node's RPC server instead of the address its control
+    connection comes from (NAT, port forward). Only the head's configuration can say this."""
     max_body_bytes: int = 1 << 20
     """Largest HTTP request body."""
     run_dir: str = ""

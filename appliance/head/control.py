@@ -1,10 +1,13 @@
 """The head's control-plane endpoint: a CurveZMQ ROUTER that workers' DEALERs connect to.
 
-It authenticates nodes (ZAP: only the cluster's client key may connect), decodes
-protocol frames (anything malformed is logged, counted and dropped), feeds the
-membership state machine, and sends heartbeats to every live node so workers can
-tell a dead head from a quiet one. Heartbeats from an identity it does not know
-(e.g. after a head restart) get REANNOUNCE, and the worker says HELLO again.
+It authenticates nodes (ZAP: only keys on the allow-list may connect, and each connection
+is bound to the node its key names: a node may only speak as itself), decodes protocol
+frames (anything malformed, any value no box sends, a flood past CONTROL_MESSAGES_PER_S,
+or a message from a key revoked since it connected is dropped, counted, and reported as a
+rate-limited `bad_frame` event), feeds the membership state machine, and sends heartbeats
+to every live node so workers can tell a dead head from a quiet one. Heartbeats from an
+identity it does not know (e.g. after a head restart) get REANNOUNCE, and the worker says
+HELLO again. Nothing a peer sends stops the receive loop.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from appliance.common import logs, protocol
 from appliance.common.config import HeartbeatTiming, RecoveryTiming
 from appliance.common.kinds import EventKind
 from appliance.common.keys import HeadKeys
-from appliance.core.membership import Event, Membership, Refusal
+from appliance.core.membership import BadValue, Event, Membership, Refusal
+from appliance.head.keyring import KeyRing
 
 log = logs.get("head.control")
 
@@ -29,11 +33,12 @@ MAX_FETCHES_IN_FLIGHT = 32  # across all workers; each asks for a few pieces at 
 
 
 class _Auth(AsyncioAuthenticator):
-    """ZAP handler that reports refused keys to the head's event log."""
+    """ZAP handler: a key on the allow-list is let in as its node's name (the connection's
+    User-Id); any other key is refused and reported to the head's event log."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, allowed: set[bytes], on_refuse: Callable[[str, str], None]) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, keyring: KeyRing, on_refuse: Callable[[str, str], None]) -> None:
         super().__init__(ctx)
-        self.allowed_keys = allowed
+        self.keyring = keyring
         self.on_refuse = on_refuse
         self._address = ""
 
@@ -43,10 +48,34 @@ class _Auth(AsyncioAuthenticator):
 
     async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:  # type: ignore[override]
         z85 = zmq.utils.z85.encode(client_key)
-        if z85 in self.allowed_keys:
+        if self.keyring.name_of(z85) is not None:
             return True, b"OK"
         self.on_refuse(self._address, z85.decode()[:8])
         return False, b"Unknown key"
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.keyring.name_of(zmq.utils.z85.encode(client_public_key)) or ""
+
+
+class _Bucket:
+    """A token bucket per sender: `CONTROL_MESSAGES_PER_S` sustained, `CONTROL_BURST_MESSAGES` at once."""
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.rate, self.burst = rate_per_s, float(burst)
+        self.tokens: dict[bytes, tuple[float, float]] = {}
+
+    def allow(self, who: bytes, now: float) -> bool:
+        tokens, last = self.tokens.get(who, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if len(self.tokens) > 4096:  # senders come and go (reconnects): forget the idle ones
+            self.tokens = {k: v for k, v in self.tokens.items() if now - v[1] < 60}
+            if len(self.tokens) > 4096:  # a storm of fresh identities (only without keys): start over
+                self.tokens.clear()
+        if tokens < 1.0:
+            self.tokens[who] = (tokens, now)
+            return False
+        self.tokens[who] = (tokens - 1.0, now)
+        return True
 
 
 class ControlServer:
@@ -55,6 +84,7 @@ class ControlServer:
         *,
         bind: str,
         keys: HeadKeys | None,
+        keyring: KeyRing | None = None,
         membership: Membership,
         heartbeat: HeartbeatTiming,
         recovery: RecoveryTiming,
@@ -65,6 +95,7 @@ class ControlServer:
     ) -> None:
         self.bind = bind
         self.keys = keys
+        self.keyring = keyring
         self.membership = membership
         self.hb = heartbeat
         self.t = recovery
@@ -79,21 +110,19 @@ class ControlServer:
         self._last_bad_log = 0.0
         self._bad_since_report = 0
         self.bad_frames = 0
+        self._bucket = _Bucket(recovery.CONTROL_MESSAGES_PER_S, recovery.CONTROL_BURST_MESSAGES)
+        self._refused_at: dict[str, float] = {}
 
     def start(self) -> None:
         if self.keys is not None:
-            import zmq.auth
-
-            allowed = set()
-            for path in self.keys.allowed_clients_dir.glob("client*.key"):
-                pub, _ = zmq.auth.load_certificate(str(path))
-                allowed.add(pub)
-            self.auth = _Auth(self.ctx, allowed, self._refused_key)
+            assert self.keyring is not None, "a head with keys needs its allow-list"
+            self.auth = _Auth(self.ctx, self.keyring, self._refused_key)
             self.auth.start()
         s = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.ROUTER_HANDOVER, 1)
         s.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        s.setsockopt(zmq.RCVHWM, 1000)  # a flood queues at most this many messages
         if self.keys is not None:
             s.curve_secretkey = self.keys.secret
             s.curve_publickey = self.keys.public
@@ -148,7 +177,16 @@ class ControlServer:
             mon.close(linger=0)
 
     def _refused_key(self, address: str, key_prefix: str) -> None:
-        self.on_events([Event(EventKind.REFUSED, "", f"connection from {address or '?'} refused: unknown cluster key {key_prefix}…")])
+        """One `refused` event per address per REFUSED_EVENT_INTERVAL_S: a peer retrying (or
+        flooding) with unknown keys must not fill the event log."""
+        now = time.monotonic()
+        where = address or "?"
+        if now - self._refused_at.get(where, -1e9) < self.t.REFUSED_EVENT_INTERVAL_S:
+            return
+        if len(self._refused_at) > 1024:
+            self._refused_at = {a: t for a, t in self._refused_at.items() if now - t < self.t.REFUSED_EVENT_INTERVAL_S}
+        self._refused_at[where] = now
+        self.on_events([Event(EventKind.REFUSED, "", f"connection from {where} refused: unknown cluster key {key_prefix}…")])
 
     def _bad(self, why: str, ident: bytes) -> None:
         """Count a dropped frame; log it and make a `bad_frame` event at most once per
@@ -186,8 +224,16 @@ class ControlServer:
             ident = frames[0].bytes
             try:
                 peer = frames[1].get("Peer-Address") or ""
+                user = frames[1].get("User-Id") if self.keys is not None else ""
             except (zmq.ZMQError, Exception):  # noqa: BLE001 - metadata is best effort
-                peer = ""
+                peer, user = "", ""
+            sender = user.encode() if user else ident
+            if not self._bucket.allow(sender, time.monotonic()):
+                self._bad(f"flood: more than {self.t.CONTROL_MESSAGES_PER_S:g} messages/s from {user or 'one peer'}", ident)
+                continue
+            if self.keys is not None and (not user or self.keyring is None or user not in self.keyring.nodes):
+                self._bad(f"message from a key no longer on the allow-list ({user or '?'})", ident)
+                continue
             try:
                 msg = protocol.decode([f.bytes for f in frames[1:]], allowed=protocol.WORKER_TYPES)
             except protocol.BadFrame as exc:
@@ -196,18 +242,22 @@ class ControlServer:
                     await self.send(ident, protocol.REFUSE, {"reason": str(exc)})
                 continue
             try:
-                await self._handle(ident, peer, msg)
+                await self._handle(ident, peer, user or None, msg)
+            except BadValue as exc:
+                self._bad(f"{user or 'a node'}: {exc.reason}", ident)
             except Exception as exc:  # noqa: BLE001 - one bad message never stops the head
                 self._bad(f"handler error: {exc}", ident)
 
-    async def _handle(self, ident: bytes, peer: str, msg: protocol.Message) -> None:
+    async def _handle(self, ident: bytes, peer: str, key_name: str | None, msg: protocol.Message) -> None:
         now = time.monotonic()
         m = self.membership
         if msg.type == protocol.HELLO:
             try:
-                node, events = m.hello(identity=ident, body=msg.body, peer_address=peer, now=now)
+                node, events = m.hello(identity=ident, body=msg.body, peer_address=peer, now=now, key_name=key_name)
             except Refusal as r:
-                name = str(msg.body.get("name", "?"))[:64]
+                name = key_name or str(msg.body.get("name", "?"))[:64]
+                if isinstance(r, BadValue):
+                    self._bad(f"{name}: {r.reason}", ident)
                 self.on_events([Event(EventKind.REFUSED, name, f"{name} refused: {r.reason}")])
                 await self.send(ident, protocol.REFUSE, {"reason": r.reason})
                 return
@@ -219,6 +269,7 @@ class ControlServer:
                     "name": node.name,
                     "rpc_host": node.address,
                     "rpc_port": node.rpc_port,
+                    "data_plane": node.data_plane,
                     "heartbeat_interval_s": self.hb.HEARTBEAT_INTERVAL_S,
                 },
             )

@@ -32,6 +32,7 @@ import zmq.asyncio
 from appliance.common import engine_protocol as ep
 from appliance.common import logs
 from appliance.common.config import EngineTiming
+from appliance.common.dataplane import TunnelSpec
 from appliance.common.kinds import EngineState, EventKind
 from appliance.common.process import aterminate
 from appliance.core.crashloop import CrashLoopGuard
@@ -144,7 +145,8 @@ class EngineProcess:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def start(self, plan: Plan, considered: frozenset[str]) -> None:
+    async def start(self, plan: Plan, considered: frozenset[str], *, tunnels: TunnelSpec | None = None) -> None:
+        """Start engine N+1 on `plan`; `tunnels` names the endpoints it reaches over TLS."""
         now = time.monotonic()
         if self.state == EngineState.FAILED:
             # Only restarts after a failure count towards the crash-loop cap; planned starts
@@ -162,8 +164,11 @@ class EngineProcess:
         self.output_tail.clear()
         plan_file = self.run_dir / f"plan-{self.gen}.json"
         plan_file.write_text(json.dumps(plan.to_dict()))
-        for old in self.run_dir.glob("plan-*.json"):
-            if old != plan_file:
+        tunnel_file = self.run_dir / f"tunnels-{self.gen}.json"
+        if tunnels is not None:
+            tunnel_file.write_text(tunnels.to_json())
+        for old in [*self.run_dir.glob("plan-*.json"), *self.run_dir.glob("tunnels-*.json")]:
+            if old not in (plan_file, tunnel_file):
                 old.unlink(missing_ok=True)
         args = [
             sys.executable, "-m", "appliance.engine",
@@ -177,6 +182,7 @@ class EngineProcess:
             "--heartbeat-interval", str(self.t.ENGINE_HEARTBEAT_INTERVAL_S),
             "--draft-max", str(self.draft_max),
             "--draft-min", str(self.draft_min),
+            *(["--tunnels", str(tunnel_file)] if tunnels is not None else []),
         ]  # fmt: skip
         if self.draft_model_path:
             args += ["--draft-model", self.draft_model_path]

@@ -44,6 +44,12 @@ class Metrics:
         self.acceptance = Gauge(
             "anyway_draft_acceptance_ratio", "Accepted / drafted tokens since the head started", registry=r
         )
+        self.worker_busy = Gauge(
+            "anyway_worker_busy_ratio",
+            "Fraction of wall time each worker's RPC server computed (last heartbeat interval)",
+            ["node"],
+            registry=r,
+        )
         self.task_restarts = Counter(
             "anyway_head_task_restarts_total", "Head tasks restarted after an unexpected error", ["task"], registry=r
         )

@@ -43,6 +43,8 @@ class RpcProber:
         self.on_events = on_events
         self.plans = plans
         self.now_event = asyncio.Event()  # set when a worker may just have died
+        self.rounds: list[float] = []  # when the next urgent probe rounds are due (monotonic)
+        self._last_trigger = -1e9
 
     def trigger(self) -> None:
         """A worker may just have died (a control connection dropped, the engine died)."""
@@ -67,27 +69,51 @@ class RpcProber:
         return result
 
     async def before_start(self, plan: Plan) -> bool:
-        """Before loading, check each worker's RPC port answers; suspect those that don't."""
-        results = await asyncio.gather(
-            *(self.probe_one(a.node, a.endpoint or "", mark_unanswered=True) for a in plan.rpc_assignments)
-        )
+        """Before loading, check each worker's RPC port answers. A refused port is suspected at
+        once; one that does not answer is tried again for RPC_START_PROBE_GRACE_S (its server
+        may still be finishing with the previous engine) and then suspected."""
+
+        async def check(name: str, endpoint: str) -> Reach:
+            deadline = time.monotonic() + self.t.RPC_START_PROBE_GRACE_S
+            delay = 0.1
+            while True:
+                last = time.monotonic() + self.t.RPC_PROBE_TIMEOUT_S >= deadline
+                result = await self.probe_one(name, endpoint, mark_unanswered=last)
+                if result != Reach.UNREACHABLE or last:
+                    return result
+                await asyncio.sleep(min(delay, max(deadline - time.monotonic() - self.t.RPC_PROBE_TIMEOUT_S, 0)))
+                delay = min(delay * 2, 1.0)
+
+        results = await asyncio.gather(*(check(a.node, a.endpoint or "") for a in plan.rpc_assignments))
         return all(r == Reach.OPEN for r in results)
 
+    def schedule(self, now: float) -> None:
+        """Add a trigger's probe rounds. Triggers closer together than RPC_PROBE_TRIGGER_GAP_S
+        share one series (a peer that connects and disconnects in a loop, authenticated or not,
+        cannot make the head probe its workers without end), and rounds that would run within
+        that gap of one another are one round."""
+        if now - self._last_trigger < self.t.RPC_PROBE_TRIGGER_GAP_S:
+            return
+        self._last_trigger = now
+        merged: list[float] = []
+        for t in sorted([*self.rounds, *(now + d for d in self.t.RPC_PROBE_AFTER_S)]):
+            if not merged or t - merged[-1] >= self.t.RPC_PROBE_TRIGGER_GAP_S:
+                merged.append(t)
+        self.rounds = merged
+
     async def loop(self) -> None:
-        rounds: list[float] = []  # when the next urgent probe rounds are due (monotonic)
         while True:
             now = time.monotonic()
-            wait_s = min([self.hb.HEARTBEAT_INTERVAL_S, *(t - now for t in rounds)])
+            wait_s = min([self.hb.HEARTBEAT_INTERVAL_S, *(t - now for t in self.rounds)])
             try:
                 await asyncio.wait_for(self.now_event.wait(), timeout=max(wait_s, 0.0))
                 self.now_event.clear()
-                now = time.monotonic()
-                rounds = sorted({*rounds, *(now + d for d in self.t.RPC_PROBE_AFTER_S)})
+                self.schedule(time.monotonic())
             except asyncio.TimeoutError:
                 pass
             now = time.monotonic()
-            urgent = bool(rounds) and rounds[0] <= now + 0.001
-            rounds = [t for t in rounds if t > now + 0.001]
+            urgent = bool(self.rounds) and self.rounds[0] <= now + 0.001
+            self.rounds = [t for t in self.rounds if t > now + 0.001]
             targets: dict[str, str] = {}
             if urgent:
                 for plan in self.plans():

@@ -25,7 +25,9 @@ from appliance.common.kinds import EngineState, EventKind, HealthState, Liveness
 from appliance.common.modelfile import load_profile
 from appliance.common.status import ClusterStatus
 from appliance.core.membership import Event, Membership
-from appliance.core.planner import fmt_bytes
+from appliance.common.dataplane import TunnelSpec
+from appliance.common.netprobe import split_endpoint
+from appliance.core.planner import Plan, fmt_bytes
 from appliance.core.profile import ModelProfile
 from appliance.core.reconciler import (
     Adopt,
@@ -44,6 +46,7 @@ from appliance.head.control import ControlServer
 from appliance.head.engine_process import EngineProcess
 from appliance.head.events import EventLog
 from appliance.head.loadmeter import LoadMeter
+from appliance.head.keyring import KeyRing
 from appliance.head.metrics import Metrics
 from appliance.head.probe import RpcProber
 from appliance.head.requests import Admission, RequestRouter
@@ -81,7 +84,11 @@ class Head:
             rpc_protocol=ggml.rpc_protocol_version(),
             control_protocol=protocol.PROTOCOL_MAJOR,
             package_version=__version__,
+            rpc_endpoints={name: split_endpoint(ep) for name, ep in cfg.node_rpc_endpoints.items()},
+            secure=keys is not None,
         )
+        self.keys = keys
+        self.keyring = KeyRing(keys_dir=keys.keys_dir, on_change=self._keys_changed) if keys is not None else None
         self.tokenizer = Tokenizer(cfg.model_path)
         self.engine = EngineProcess(
             model_path=cfg.model_path,
@@ -122,6 +129,7 @@ class Head:
         self.control = ControlServer(
             bind=cfg.control_bind,
             keys=keys,
+            keyring=self.keyring,
             membership=self.membership,
             heartbeat=self.timing.heartbeat,
             recovery=self.timing.recovery,
@@ -145,6 +153,29 @@ class Head:
     def _on_events(self, events: list[Event]) -> None:
         for e in events:
             self.events.add(e.kind, e.message, node=e.node)
+
+    def _keys_changed(self, added: set[str], revoked: set[str], errors: list[str]) -> None:
+        """The allow-list changed on disk: a revoked node leaves the cluster (and so the plan) now;
+        its open control connection is ignored from here on and refused when it reconnects."""
+        now = time.monotonic()
+        for name in sorted(revoked):
+            self._on_events(self.membership.revoke(name, now=now))
+        del added  # a new key is news only when its node joins
+        for err in errors:
+            self.events.add(EventKind.REFUSED, f"allow-list entry ignored: {err[:300]}")
+
+    def tunnels(self, plan: Plan) -> TunnelSpec | None:
+        """The engine's data-plane spec for `plan`: every TLS node's endpoint and the exact
+        certificate it must present (from the allow-list as it is now)."""
+        if self.keys is None or self.keyring is None:
+            return None
+        peers = {}
+        for a in plan.rpc_assignments:
+            node = self.membership.nodes.get(a.node)
+            ident = self.keyring.nodes.get(a.node)
+            if node is not None and node.data_plane == "tls" and ident is not None and a.endpoint:
+                peers[a.endpoint] = ident
+        return TunnelSpec(head_key_file=str(self.keys.keys_dir / "server.key_secret"), peers=peers)
 
     def _on_engine_event(self, kind: EventKind, message: str) -> None:
         self.events.add(kind, message)
@@ -208,6 +239,8 @@ class Head:
                     TaskSpec("reconcile", self.reconcile_loop),
                     TaskSpec("rpc-probe", self.prober.loop),
                     TaskSpec("staging", self.staging_loop),
+                    *([TaskSpec("keys", lambda: self.keyring.loop(self.timing.recovery.KEYS_RELOAD_INTERVAL_S))]
+                      if self.keyring is not None else []),
                     TaskSpec("api", api.serve, restart=False),
                 ],
                 stop=self.stop_event,
@@ -251,6 +284,8 @@ class Head:
             n_ctx=self.cfg.n_ctx * self.cfg.max_batch,
             head_memory=self.cfg.head_memory_bytes,
             strategy=self.cfg.strategy,  # type: ignore[arg-type]
+            lanes=self.cfg.engine_lanes,
+            max_lanes=self.cfg.max_batch,
             current=eng.plan if use_current else None,
             current_considered=eng.considered if use_current else frozenset(),
             force_replan=force,
@@ -312,7 +347,7 @@ class Head:
                     layout = ", ".join(f"{a.node}:{a.start}-{a.end - 1}" for a in action.plan.assignments if a.n_layers)
                     self.events.add(EventKind.REPLAN, f"plan over {len(action.plan.rpc_assignments)} worker(s): {layout}")
                 self.load_meter.start(action.plan, self.membership.nodes, now)
-                await self.engine.start(action.plan, action.considered)
+                await self.engine.start(action.plan, action.considered, tunnels=self.tunnels(action.plan))
             elif isinstance(action, Adopt):
                 self.engine.considered = action.considered
             elif isinstance(action, Wait):
@@ -364,6 +399,10 @@ class Head:
         counts[Liveness.REFUSED.value] = len(self.membership.refused)
         for state, c in counts.items():
             self.metrics.nodes.labels(state=state).set(c)
+        self.metrics.worker_busy.clear()
+        for n in self.membership.nodes.values():
+            if (busy := n.load.get("rpc_busy")) is not None:
+                self.metrics.worker_busy.labels(node=n.name).set(busy)
         for s in EngineState:
             self.metrics.engine_state.labels(state=s.value).set(1 if self.engine.state == s else 0)
         self.metrics.in_flight.set(len(self.router.requests))

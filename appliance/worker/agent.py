@@ -8,7 +8,8 @@ which is also how a restarted head learns the cluster again. The RPC server (a c
 process, `appliance.worker.rpc_server`, supervised by `RpcChild`) is started only once
 the head has accepted the node, bound to the address the head reaches it on; it keeps
 running across head reconnects so a head restart does not cost the workers their
-cached tensors.
+cached tensors. With the node's keys (the default) what listens there is the TLS front of
+the data plane, and the C server itself only on loopback (docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -56,7 +57,13 @@ class WorkerAgent:
         self.keys = keys
         self.node_id = uuid.uuid4().hex
         self.ctx = zmq.asyncio.Context.instance()
-        self.rpc = RpcChild(cache_dir=cfg.cache_dir, threads=cfg.threads, timing=cfg.timing.worker, device=cfg.device)
+        self.rpc = RpcChild(
+            cache_dir=cfg.cache_dir,
+            threads=cfg.threads,
+            timing=cfg.timing.worker,
+            device=cfg.device,
+            tls_keys_dir=cfg.keys_dir if cfg.data_plane == "tls" else "",
+        )
         self.devices: list[dict[str, Any]] = []
         self.rpc_protocol = "unknown"
         self.llama_version = ""
@@ -117,6 +124,11 @@ class WorkerAgent:
             pass
         if self.rpc.proc is not None and self.rpc.proc.returncode is None:
             out["rpc_rss_bytes"] = self.rpc.rss()
+            busy = self.rpc.busy.sample(
+                cpu_s=self.rpc.cpu_seconds(), now_s=time.monotonic(), threads=self.rpc.compute_threads
+            )
+            if busy is not None:
+                out["rpc_busy"] = busy  # fraction of wall time its server computed since the last report
             read = self.rpc.read_bytes()
             if read is not None:
                 out["rpc_read_bytes"] = read  # what its server received and read from its cache
@@ -143,6 +155,7 @@ class WorkerAgent:
             "speed": self.speed,
             "speed_source": self.speed_source,
             "rpc_advertise": self.cfg.rpc_advertise,
+            "data_plane": self.cfg.data_plane,
             "load": self.load(),
         }
 
@@ -283,6 +296,10 @@ class WorkerAgent:
                     host=host,
                     hint="the head reaches this node through NAT; pass --rpc-host with this box's address",
                 )
+                return
+            if self.cfg.data_plane == "plain" and self.keys is not None and not ipaddress.ip_address(host).is_loopback:
+                # Never the unauthenticated C server on a network address while the cluster has keys.
+                log.error("plain_rpc_refused", host=host, hint="--data-plane plain is for loopback only; drop it")
                 return
             self.welcomed = True
             endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

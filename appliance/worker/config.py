@@ -33,4 +33,10 @@ class WorkerConfig:
     """Disk the tensor cache may use (0: nine tenths of what is free when the worker starts)."""
     staging_rate_bytes_s: int = 40 * 1024 * 1024
     """Pre-staging pulls tensors from the head at most this fast (0: no pre-staging)."""
+    keys_dir: str = ""
+    """This node's keys (node.key_secret, server.key); "" only with --insecure."""
+    data_plane: str = "tls"
+    """"tls": the C RPC server on loopback behind the authenticated, encrypted channel;
+    "plain": the C server itself on the RPC address, which must then be a loopback address
+    (`anyway up`), or anything with --insecure (no keys at all; development only)."""
     timing: Timing = field(default_factory=Timing)

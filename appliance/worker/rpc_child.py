@@ -1,5 +1,9 @@
 """The worker's ggml RPC server child: desired one server on an endpoint, actual whatever runs.
 
+With the node's keys the endpoint is a TLS listener in the child, in front of the C server
+on loopback (appliance.worker.rpc_server); either way, the endpoint accepting connections
+means the server is up, and the child exiting takes the endpoint with it.
+
 `ggml_backend_rpc_start_server` never returns and can crash, so it runs in its own
 process (appliance.worker.rpc_server). `RpcChild` starts it, waits until its port
 accepts connections, notices when it died or was stopped (SIGSTOP: a hung server), and
@@ -9,6 +13,7 @@ restarts it through a crash-loop guard; SIGTERM then SIGKILL after a grace to st
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 
@@ -23,11 +28,43 @@ from appliance.core.crashloop import CrashLoopGuard
 log = logs.get("worker.rpc")
 
 
+class BusyMeter:
+    """The fraction of wall time the RPC server spent computing, between two reports.
+
+    Measured as the server process's CPU time over wall time times its compute threads:
+    ggml's CPU backend keeps all its threads working during a graph and the server waits
+    in a blocking read between requests, so CPU time is compute time (plus the small cost
+    of reading requests). On a GPU box this counts the host side only."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, float] | None = None  # (monotonic wall, cpu seconds)
+
+    def sample(self, *, cpu_s: float | None, now_s: float, threads: int) -> float | None:
+        if cpu_s is None:
+            self._last = None
+            return None
+        last, self._last = self._last, (now_s, cpu_s)
+        if last is None or now_s <= last[0] or cpu_s < last[1]:
+            return None  # first sample, or a new server process: no interval yet
+        return busy_fraction(cpu_s=cpu_s - last[1], wall_s=now_s - last[0], threads=threads)
+
+
+def busy_fraction(*, cpu_s: float, wall_s: float, threads: int) -> float:
+    """CPU seconds over wall seconds times threads, within [0, 1]."""
+    if wall_s <= 0 or threads <= 0:
+        return 0.0
+    return round(min(1.0, max(0.0, cpu_s / (wall_s * threads))), 3)
+
+
 class RpcChild:
     """Desired: one RPC server on `endpoint`. Restarts it (with a crash-loop guard) if it dies."""
 
-    def __init__(self, *, cache_dir: str, threads: int, timing: WorkerTiming, device: str = "auto") -> None:
+    def __init__(
+        self, *, cache_dir: str, threads: int, timing: WorkerTiming, device: str = "auto", tls_keys_dir: str = ""
+    ) -> None:
+        """`tls_keys_dir`: serve the endpoint over TLS (the C server on loopback); "" for plain TCP."""
         self.device = device
+        self.tls_keys_dir = tls_keys_dir
         self.cache_dir = cache_dir
         self.threads = threads
         self.t = timing
@@ -43,6 +80,7 @@ class RpcChild:
         )
         self._pump_task: asyncio.Task[None] | None = None
         self.last_lines: list[str] = []
+        self.busy = BusyMeter()
 
     def rss(self) -> int:
         if self.proc is None or self.proc.returncode is not None:
@@ -61,6 +99,21 @@ class RpcChild:
             return int(psutil.Process(self.proc.pid).io_counters().read_chars)
         except (psutil.Error, AttributeError):
             return None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used (user + system, all its threads)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return None
+        try:
+            t = psutil.Process(self.proc.pid).cpu_times()
+        except psutil.Error:
+            return None
+        return float(t.user + t.system)
+
+    @property
+    def compute_threads(self) -> int:
+        """Threads its ggml CPU backend computes with (0 in the config: one per core)."""
+        return self.threads or max(os.cpu_count() or 1, 1)
 
     async def ensure(self, endpoint: str) -> bool:
         """Make the server run on `endpoint`; True once it accepts connections."""
@@ -88,6 +141,7 @@ class RpcChild:
             str(self.threads),
             "--device",
             self.device,
+            *(["--keys", self.tls_keys_dir] if self.tls_keys_dir else []),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

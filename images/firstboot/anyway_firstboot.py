@@ -6,7 +6,7 @@ computer), checks every line, prints what is wrong on the console (screen and se
 when everything is valid writes the worker's configuration:
 
     /etc/anyway/worker.yml        options for `anyway worker --config` (the unit's command)
-    /etc/anyway/keys/             client.key_secret, client.key, server.key (CurveZMQ)
+    /etc/anyway/keys/             node.key_secret (this box's own identity), server.key (the head's)
     /etc/anyway/firewall.nft      the RPC port, reachable only from the head (nftables)
     /root/.ssh/authorized_keys    operator SSH keys (password logins are off)
     /etc/hostname                 the node name
@@ -20,7 +20,10 @@ the worker does not start (its unit Requires= this one).
 
 The file format (key = value; `#` starts a comment line, and " #" a comment after a value) is
 in docs/IMAGES.md and in the example on the boot partition (images/bootpart/anyway.conf).
-Only the standard library and pyzmq are used.
+Each box has its own identity (`anyway keys add DIR NAME` on the head: DIR/issued/NAME/), whose
+name is the node's name. The firewall never opens the RPC port beyond the head: a head given by
+name needs `rpc_allow` with its address. Uses the standard library, pyzmq and the product's
+key format (appliance.common.keys), all in the image's venv.
 """
 
 from __future__ import annotations
@@ -46,12 +49,12 @@ DEFAULT_RPC_PORT = 50052
 ETC = Path("etc/anyway")
 STATE = Path("var/lib/anyway")
 IMAGE_RELEASE = Path("etc/anyway/image-release")
-KEY_FILES = ("client.key_secret", "client.key", "server.key")
-PRIVATE_NETS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fe80::/10")
+KEY_FILES = ("node.key_secret", "server.key")
+OLD_KEY_FILES = ("client.key_secret", "client.key")
+INLINE_KEYS = ("client_key_secret", "client_key", "server_key")
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-Z85_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
 SSH_KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
@@ -66,15 +69,15 @@ SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*([kmgt](i?b)?)?$", re.IGNORECASE)
 # key -> one-line help, used in "unknown key" messages and the example file.
 KNOWN_KEYS = {
     "head": "the head's control address, HOST:PORT (port 5555 if left out)",
-    "name": "node name shown in the dashboard (default: anyway-<last 6 hex digits of the MAC>)",
-    "keys": "folder next to anyway.conf with client.key_secret, client.key, server.key (default: keys)",
-    "client_key_secret": "instead of the keys folder: the 40-character secret key from client.key_secret",
-    "client_key": "optional with client_key_secret: the public key from client.key (checked against it)",
-    "server_key": "instead of the keys folder: the 40-character public key from server.key",
+    "name": "node name shown in the dashboard (default, and it must be: the name its keys were issued for)",
+    "keys": "folder next to anyway.conf with this box's node.key_secret and server.key (default: keys)",
+    "client_key_secret": "no longer used: each box has its own keys folder (node.key_secret, server.key)",
+    "client_key": "no longer used: each box has its own keys folder (node.key_secret, server.key)",
+    "server_key": "no longer used: each box has its own keys folder (node.key_secret, server.key)",
     "rpc_port": "TCP port of the llama.cpp RPC server (default 50052)",
     "rpc_host": "address the RPC server binds (default: the one the head sees)",
     "rpc_advertise": "HOST:PORT the head should dial for the RPC server (NAT, port forwarding)",
-    "rpc_allow": "addresses/networks allowed to reach the RPC port (default: the head's address)",
+    "rpc_allow": "addresses allowed to reach the RPC port (default: the head's address; needed when head is a name)",
     "firewall": "yes/no: restrict the RPC port with nftables (default yes)",
     "threads": "CPU threads for the RPC server (default: all)",
     "max_memory": "memory offered to the cluster, e.g. 6G (default: what is free)",
@@ -221,16 +224,6 @@ def parse_head(value: str) -> tuple[str, int]:
     return host, port
 
 
-def _z85_key(value: str) -> bytes:
-    v = value.strip()
-    if len(v) != 40:
-        raise ValueError(f"must be 40 characters (a Z85 CurveZMQ key), got {len(v)}")
-    bad = sorted(set(v) - Z85_CHARS)
-    if bad:
-        raise ValueError(f"has characters that are not Z85: {''.join(bad)!r}")
-    return v.encode()
-
-
 def _yes_no(value: str) -> bool:
     v = value.strip().lower()
     if v in ("yes", "y", "true", "on", "1"):
@@ -263,45 +256,24 @@ def _check_ssh_key(line: str) -> str | None:
     return None
 
 
-def _load_cert_text(text: str, label: str, *, secret: bool) -> tuple[bytes, bytes | None]:
-    """Parse a CurveZMQ certificate (ZPL) with pyzmq's own reader; ValueError says why."""
-    import tempfile
+def _load_key_text(text: str, label: str, *, secret: bool) -> object:
+    """Parse a key file (the product's format, appliance.common.keys); ValueError says why."""
+    from appliance.common.keys import KeyError_, parse
 
-    import zmq.auth
-
-    with tempfile.TemporaryDirectory(prefix="anyway-fb-") as d:
-        p = Path(d) / label
-        p.write_text(text)
-        try:
-            pub, sec = zmq.auth.load_certificate(str(p))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"not a CurveZMQ key file ({exc})") from None
-    if not pub:
-        raise ValueError("has no public-key")
-    if secret and not sec:
-        raise ValueError("has no secret-key (copy client.key_secret, not client.key)")
-    for k in (pub, sec):
-        if k is not None:
-            _z85_key(k.decode(errors="replace"))
-    return pub, sec
-
-
-def cert_text(public: bytes, secret: bytes | None) -> str:
-    """A certificate file in the format `anyway keys init` (pyzmq) writes."""
-    kind = "Secret" if secret else "Public"
-    lines = [
-        "#   ****  Written by anyway-firstboot from anyway.conf  ****",
-        f"#   ZeroMQ CURVE **{kind}** Certificate",
-        "#   Exchange securely, or use a secure mechanism to verify the contents" if not secret
-        else "#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.",
-        "",
-        "metadata",
-        "curve",
-        f'    public-key = "{public.decode()}"',
-    ]
+    try:
+        ident = parse(text, where=label, secret=secret)
+    except KeyError_ as exc:
+        raise ValueError(str(exc).removeprefix(f"{label}: ")) from None
     if secret:
-        lines.append(f'    secret-key = "{secret.decode()}"')
-    return "\n".join(lines) + "\n"
+        import zmq
+
+        try:
+            derived = zmq.curve_public(ident.curve_secret)  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - libzmq's own complaint
+            raise ValueError(f"the secret key is not valid ({exc})") from None
+        if derived != ident.public.curve_public:  # type: ignore[attr-defined]
+            raise ValueError("its public and secret keys do not belong together (edited or damaged?)")
+    return ident
 
 
 def _line_of(p: Problem) -> int:
@@ -441,104 +413,76 @@ def parse_config(path: Path, *, installed_keys: Path | None = None) -> WorkerSet
 
     rpc_allow = check("rpc_allow", networks)
 
-    # keys
+    # keys: this box's own identity
     keys: dict[str, str] = {}
     keys_source = ""
     keys_dir: Path | None = None
-    inline = {k: get(k) for k in ("client_key_secret", "client_key", "server_key")}
+    key_name: str | None = None
+    inline = [(k, get(k)) for k in INLINE_KEYS if get(k)]
+    for k, got in inline:
+        problems.append(Problem(got[0], f"{k}: keys are no longer pasted here: every box has its own identity. On the "
+                                        "head run 'anyway keys add DIR NAME' and copy DIR/issued/NAME/ (node.key_secret, "
+                                        "server.key) into the keys folder next to anyway.conf"))
     got_dir = get("keys")
     kdir = base / (got_dir[1] if got_dir and got_dir[1] else "keys")
-    dir_has_keys = kdir.is_dir() and any((kdir / f).exists() for f in KEY_FILES)
-    if any(inline.values()):
-        if dir_has_keys:
-            problems.append(
-                Problem(
-                    fname,
-                    f"keys are given twice: in anyway.conf (client_key_secret/server_key) and in "
-                    f"{kdir.name}/; keep one of them",
-                )
-            )
-        sec_e, pub_e, srv_e = inline["client_key_secret"], inline["client_key"], inline["server_key"]
-        secret = public = server = None
-        for label, got, hint in (
-            ("client_key_secret", sec_e, "the secret-key line of client.key_secret"),
-            ("server_key", srv_e, "the public-key line of server.key"),
-        ):
-            if got is None:
-                problems.append(Problem(fname, f"{label} is missing ({hint}); the worker needs both client_key_secret and server_key"))
-        for label, got in (("client_key_secret", sec_e), ("client_key", pub_e), ("server_key", srv_e)):
-            if got is None:
-                continue
-            try:
-                k = _z85_key(got[1])
-            except ValueError as exc:
-                problems.append(Problem(got[0], f"{label} {exc}"))
-                continue
-            if label == "client_key_secret":
-                secret = k
-            elif label == "client_key":
-                public = k
-            else:
-                server = k
-        if secret is not None:
-            import zmq
-
-            try:
-                derived = zmq.curve_public(secret)
-            except Exception as exc:  # noqa: BLE001 - libzmq's own complaint
-                problems.append(Problem(sec_e[0] if sec_e else fname, f"client_key_secret is not a valid key ({exc})"))
-                derived = None
-            if derived is not None and public is not None and derived != public:
-                problems.append(
-                    Problem(pub_e[0] if pub_e else fname, "client_key does not belong to client_key_secret (copied from different clusters?)")
-                )
-            if derived is not None and server is not None:
-                keys = {
-                    "client.key_secret": cert_text(derived, secret),
-                    "client.key": cert_text(derived, None),
-                    "server.key": cert_text(server, None),
-                }
-                keys_source = f"inline in {fname}"
-    elif dir_has_keys or installed_keys is None or not (installed_keys / "client.key_secret").exists():
-        loaded: dict[str, tuple[bytes, bytes | None]] = {}
-        rel = kdir.name if kdir.parent == base else str(kdir)
+    rel = kdir.name if kdir.parent == base else str(kdir)
+    dir_has_keys = kdir.is_dir() and any((kdir / f).exists() for f in KEY_FILES + OLD_KEY_FILES)
+    installed = installed_keys is not None and (installed_keys / "node.key_secret").exists()
+    if dir_has_keys or not installed:
         missing = [f for f in KEY_FILES if not (kdir / f).is_file()]
-        if len(missing) == len(KEY_FILES):
-            problems.append(
-                Problem(
-                    f"{rel}/",
-                    "no cluster keys: copy client.key_secret, client.key and server.key from the head "
-                    "(made there by 'anyway keys init DIR') into the keys folder next to anyway.conf, "
-                    "or paste them into anyway.conf as client_key_secret = ... and server_key = ...",
-                )
-            )
+        if any((kdir / f).exists() for f in OLD_KEY_FILES) and "node.key_secret" in missing:
+            problems.append(Problem(f"{rel}/", "holds the old shared worker key (client.key_secret): every box now has "
+                                              "its own. On the head run 'anyway keys add DIR NAME' and copy "
+                                              "DIR/issued/NAME/ here instead"))
+        elif len(missing) == len(KEY_FILES):
+            problems.append(Problem(
+                f"{rel}/",
+                "no cluster keys: on the head run 'anyway keys add DIR NAME' (NAME: this box's name) and copy "
+                "node.key_secret and server.key from DIR/issued/NAME/ into the keys folder next to anyway.conf",
+            ))
         else:
             for f in missing:
-                problems.append(Problem(f"{rel}/{f}", "missing (the worker needs client.key_secret, client.key and server.key)"))
+                problems.append(Problem(f"{rel}/{f}", "missing (the worker needs node.key_secret and server.key)"))
             for f in KEY_FILES:
                 if f in missing:
                     continue
                 try:
                     text = (kdir / f).read_text(encoding="utf-8")
-                    loaded[f] = _load_cert_text(text, f, secret=f.endswith("_secret"))
-                    keys[f] = text
                 except (OSError, UnicodeDecodeError) as exc:
                     problems.append(Problem(f"{rel}/{f}", f"cannot read it ({exc})"))
+                    continue
+                if f == "server.key" and ("secret-key" in text or "tls-private-key" in text):
+                    problems.append(Problem(f"{rel}/server.key", "contains the head's SECRET key: copy server.key, never "
+                                                                "server.key_secret, to workers"))
+                    continue
+                try:
+                    ident = _load_key_text(text, f, secret=f == "node.key_secret")
                 except ValueError as exc:
                     problems.append(Problem(f"{rel}/{f}", str(exc)))
-            if "client.key_secret" in loaded and "client.key" in loaded:
-                if loaded["client.key_secret"][0] != loaded["client.key"][0]:
-                    problems.append(
-                        Problem(f"{rel}/client.key", "does not belong to client.key_secret (files from different clusters?)")
-                    )
-            if "server.key" in loaded and loaded["server.key"][1]:
-                problems.append(
-                    Problem(f"{rel}/server.key", "contains the head's SECRET key: copy server.key, never server.key_secret, to workers")
-                )
+                    continue
+                keys[f] = text
+                if f == "node.key_secret":
+                    key_name = ident.name  # type: ignore[attr-defined]
         keys_source = f"{rel}/ on the boot partition"
         keys_dir = kdir
     else:
         keys_source = "installed at an earlier boot (the boot partition has none)"
+        try:
+            key_name = _load_key_text((installed_keys / "node.key_secret").read_text(encoding="utf-8"), "node.key_secret",
+                                      secret=True).name  # type: ignore[attr-defined,union-attr]
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problems.append(Problem("installed keys", f"node.key_secret: {exc}"))
+    if name is not None and key_name is not None and name != key_name:
+        got = get("name")
+        problems.append(Problem(got[0] if got else fname, f"name {name!r}: this box's keys were issued for {key_name!r} "
+                                                          "(a node may only be who its keys say: remove the name line, or "
+                                                          "issue keys for this name)"))
+    if name is None and key_name is not None:
+        if NAME_RE.match(key_name):
+            name = key_name
+        else:
+            problems.append(Problem(f"{rel}/node.key_secret", f"was issued for {key_name!r}, which is not a valid node "
+                                                              f"name here (for example {_suggest_name(key_name)!r})"))
 
     # ssh keys
     ssh_keys: list[str] = []
@@ -576,14 +520,14 @@ def parse_config(path: Path, *, installed_keys: Path | None = None) -> WorkerSet
             rpc_allow = [str(ipaddress.ip_network(head_host))]
             allow_source = "the head's address"
         except ValueError:
-            rpc_allow = list(PRIVATE_NETS)
-            allow_source = "private networks"
-            warnings.append(
-                f"head {head_host!r} is a name, so the RPC port is open to all private networks; "
-                "set rpc_allow = HEAD-IP (or use the head's IP address) to restrict it to the head"
-            )
+            got = get("head")
+            raise ConfigError([Problem(
+                got[0] if got else fname,
+                f"head {head_host!r} is a name, and the firewall opens the RPC port to the head's address only: add "
+                "'rpc_allow = <the head's IP address>' (or write the head's IP address in 'head')",
+            )]) from None
     if firewall is False:
-        warnings.append("firewall = no: the RPC port (no authentication) is reachable by anyone on the network")
+        warnings.append("firewall = no: the RPC port (TLS with the cluster's keys) is reachable by anyone on the network")
     if ssh_keys == []:
         warnings.append("no SSH keys (ssh_key = ... or an authorized_keys file): nobody can log in over SSH")
     host_fmt = f"[{head_host}]" if ":" in head_host else head_host
@@ -635,8 +579,8 @@ def firewall_rules(s: WorkerSettings) -> str:
     v4 = [n for n in s.rpc_allow if ":" not in n]
     v6 = [n for n in s.rpc_allow if ":" in n]
     rules = [
-        "# Written by anyway-firstboot: the llama.cpp RPC port has no authentication, so only the",
-        f"# head may reach it ({s.rpc_allow_source}). Loaded at boot with nft -f.",
+        "# Written by anyway-firstboot: the RPC port (TLS with the cluster's keys in front of llama.cpp's",
+        f"# RPC server) is reachable only from the head ({s.rpc_allow_source}), IPv4 and IPv6. Loaded at boot.",
         "table inet anyway_worker",
         "delete table inet anyway_worker",
         "table inet anyway_worker {",
@@ -742,6 +686,8 @@ def apply(s: WorkerSettings, root: Path, *, live: bool) -> list[str]:
     if s.keys:
         for f in KEY_FILES:
             _write(etc / "keys" / f, s.keys[f], 0o640 if f.endswith("_secret") else 0o644, 0, gid)
+        for f in OLD_KEY_FILES:  # the shared key of an earlier image: no longer accepted anywhere
+            (etc / "keys" / f).unlink(missing_ok=True)
     _write(etc / "worker.yml", worker_yaml(s, name), 0o644)
     fw = etc / "firewall.nft"
     if s.firewall:

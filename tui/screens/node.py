@@ -18,7 +18,7 @@ from textual.widgets import Footer, Header, Label, Sparkline, Static
 
 from appliance.common.status import NodeStatus
 
-from ..format import cpu_load, fmt_age, fmt_bytes, fmt_layers, memory_used_free, node_state
+from ..format import busy, cpu_load, fmt_age, fmt_bytes, fmt_layers, memory_used_free, node_state
 from ..source import SourceError
 from ..state import Snapshot
 from ..widgets.banner import HeadBanner
@@ -55,7 +55,7 @@ def node_summary(node: NodeStatus, *, now: float) -> Table:
     loadavg = "—" if load.loadavg_1m is None else f"{load.loadavg_1m:.2f}"
     t.add_row(
         "load",
-        f"cpu {cpu_load(node)}  ram {ram}  load1 {loadavg}  rpc rss {fmt_bytes(load.rpc_rss_bytes)}  "
+        f"cpu {cpu_load(node)}  busy {busy(node)}  ram {ram}  load1 {loadavg}  rpc rss {fmt_bytes(load.rpc_rss_bytes)}  "
         f"speed {node.speed}",
     )
     return t

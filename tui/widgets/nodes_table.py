@@ -16,7 +16,7 @@ from textual.widgets import DataTable
 
 from appliance.common.status import NodeStatus
 
-from ..format import cpu_load, devices_summary, fmt_age, fmt_layers, memory_used_free, node_state
+from ..format import busy, cpu_load, devices_summary, fmt_age, fmt_layers, memory_used_free, node_state
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("name", "node"),
@@ -27,6 +27,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("memory", "used/free"),
     ("layers", "layers"),
     ("cpu", "cpu"),
+    ("busy", "busy"),
 )
 
 
@@ -44,6 +45,7 @@ def node_row(node: NodeStatus, *, colour: str | None) -> tuple[Text | str, ...]:
         memory_used_free(node),
         layers,
         cpu_load(node),
+        busy(node),
     )
 
 

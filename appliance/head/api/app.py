@@ -3,7 +3,8 @@
 Two routers: the OpenAI-compatible surface (api.openai) and the appliance's own
 (api.cluster: health, cluster state, events, metrics, operator actions). Errors are
 OpenAI's JSON shape everywhere (api.errors); bodies are size-limited and /v1 is behind
-the API key, both as pure ASGI middleware (api.middleware). The server is uvicorn on
+the inference key, state changes behind the admin key, both as pure ASGI middleware
+(api.middleware). The server is uvicorn on
 uvloop/httptools, stopped by the head's supervisor, never by its own signal handlers.
 """
 
@@ -34,7 +35,8 @@ def build_app(head: Head) -> Any:
     def count(endpoint: str, status: int) -> None:
         head.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
-    return BodyLimit(AuthAndCount(app, api_key=head.cfg.api_key, count=count), head.cfg.max_body_bytes)
+    auth = AuthAndCount(app, api_key=head.cfg.api_key, admin_key=head.cfg.admin_key, count=count)
+    return BodyLimit(auth, head.cfg.max_body_bytes)
 
 
 class ApiServer:

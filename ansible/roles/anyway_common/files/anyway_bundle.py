@@ -3,11 +3,14 @@
 
     anyway_bundle.py WHEELHOUSE OUT.tar LLAMA_VERSION
 
-One file instead of dozens keeps the copy fast and its idempotence check cheap. The archive
+One file instead of dozens keeps the copy fast and its idempotence check cheap. The manifest
+(MANIFEST.sha256: every wheel's sha256) goes in the archive, and its own sha256 is printed:
+the play hands it to the box, which checks the manifest and every wheel against it
+(anyway_verify_wheelhouse.py) before pip reads the wheelhouse. The archive
 is reproducible (sorted members, fixed owner and times): the same wheels give the same bytes,
 so an unchanged wheelhouse is not copied again. Anyway's own wheels are left out (the boxes
 get the product wheel separately). Prints one JSON object: {"changed", "bundle", "wheels",
-"llama_wheel", "llama_sha256"}.
+"llama_wheel", "llama_sha256", "manifest_sha256"}.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def main() -> int:
     else:
         os.unlink(tmp)
     print(json.dumps({"changed": changed, "bundle": out, "wheels": len(wheels), "llama_wheel": llama[0],
-                      "llama_sha256": digests[llama[0]]}))
+                      "llama_sha256": digests[llama[0]], "manifest_sha256": hashlib.sha256(manifest).hexdigest()}))
     return 0
 
 
