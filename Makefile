@@ -7,7 +7,7 @@ VENV   := .venv
 STAMP  := $(VENV)/.anyway-ready
 ARGS   ?=
 
-.PHONY: run test setup lint clean bench bench-recovery bench-scale bench-throughput image lock
+.PHONY: run test setup lint clean bench bench-recovery bench-scale bench-spec bench-throughput image lock
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/bootstrap.sh
@@ -36,6 +36,10 @@ bench-recovery: $(STAMP)
 # GB-class models over a shaped LAN (network namespaces + tc tbf; as root): docs/SCALE.md
 bench-scale: $(VENV)/.anyway-bench
 	$(VENV)/bin/python -m bench.scale $(ARGS)
+
+# Speculative decoding over the shaped LAN (as root): docs/BENCHMARKS.md, its speculative section
+bench-spec: $(VENV)/.anyway-bench
+	$(VENV)/bin/python -m bench.speculative $(ARGS)
 
 # Concurrent clients with lanes off and on (issue 15): make bench-throughput ARGS="--lan --workers 3"
 bench-throughput: $(VENV)/.anyway-bench

@@ -22,7 +22,6 @@ from typing import Any
 from appliance.cli.up import LocalCluster, free_port
 
 SUBNET = "10.79.0"
-BRIDGE_IP = f"{SUBNET}.254"
 
 
 def _run(*args: str) -> None:
@@ -30,8 +29,9 @@ def _run(*args: str) -> None:
 
 
 class LanLab:
-    def __init__(self, *, workers: int, rate: str = "1gbit", tag: str | None = None) -> None:
-        self.workers, self.rate = workers, rate
+    def __init__(self, *, workers: int, rate: str = "1gbit", tag: str | None = None, subnet: str = SUBNET) -> None:
+        """`subnet`: the first three octets of the lab's /24 (two labs at once need two)."""
+        self.workers, self.rate, self.subnet = workers, rate, subnet
         self.tag = tag or f"awl{os.getpid() % 10000}"
         self.bridge = f"{self.tag}br"
         self.members = ["head", *(f"w{k}" for k in range(1, workers + 1))]
@@ -45,7 +45,7 @@ class LanLab:
         return f"{self.tag}{member}b"  # the bridge's end of the member's cable (root namespace)
 
     def ip(self, member: str) -> str:
-        return f"{SUBNET}.1" if member == "head" else f"{SUBNET}.{10 + int(member[1:])}"
+        return f"{self.subnet}.1" if member == "head" else f"{self.subnet}.{10 + int(member[1:])}"
 
     def wrapper(self, member: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns(member)]
@@ -54,7 +54,7 @@ class LanLab:
         try:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
             self._made.append("bridge")
-            _run("ip", "addr", "add", f"{BRIDGE_IP}/24", "dev", self.bridge)
+            _run("ip", "addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
             _run("ip", "link", "set", self.bridge, "up")
             for m in self.members:
                 ns, inner, outer = self.ns(m), f"{self.tag}{m}a", self.port(m)

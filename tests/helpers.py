@@ -91,6 +91,48 @@ def engine_pid(cluster: Any) -> int:
     engines = [p for p in head.children() if "appliance.engine" in " ".join(p.cmdline())]
     assert len(engines) == 1
     return engines[0].pid
+
+
+def derive_vocab_model(src: Path, dst: Path, *, n_vocab: int) -> Path:
+    """Write a copy of `src` whose vocabulary is cut to its first `n_vocab` tokens (the token
+    embedding and output rows cut with it): a loadable model with another vocabulary."""
+    if dst.exists():
+        return dst
+    reader = gguf.GGUFReader(str(src), "r")
+    arch = reader.fields["general.architecture"].contents()
+    tmp = dst.with_suffix(".part")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    cut = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"}
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        value = field.contents()
+        if field.name in cut:
+            value = value[:n_vocab]
+        if field.name == "general.name":
+            value = f"{value} ({n_vocab} tokens, test)"
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+    tensors = []
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.name in ("token_embd.weight", "output.weight"):
+            data = data[:n_vocab]
+        tensors.append((t, data))
+    for t, data in tensors:
+        shape = data.shape if t.name in ("token_embd.weight", "output.weight") else t.data.shape
+        writer.add_tensor_info(t.name, shape, data.dtype, data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, data in tensors:
+        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+    writer.close()
+    os.replace(tmp, dst)
+    return dst
+
+
 def node_dealer(cluster, name: str):  # type: ignore[no-untyped-def]
     """A ZeroMQ DEALER to `cluster`'s control plane holding node `name`'s own key (issued on
     first use, like `anyway keys add`): an authenticated peer that may only speak as `name`."""

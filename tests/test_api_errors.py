@@ -49,7 +49,7 @@ def head_with(router: Any, tokenizer: Tokenizer) -> Any:
     return SimpleNamespace(
         model_id="m",
         timing=Timing(),
-        cfg=SimpleNamespace(api_key=None, admin_key=None, max_body_bytes=1 << 20, max_tokens=0),
+        cfg=SimpleNamespace(api_key=None, admin_key=None, max_body_bytes=1 << 20, max_tokens=0, speculative=True),
         metrics=Metrics(),
         tokenizer=tokenizer,
         engine=SimpleNamespace(n_ctx_served=2048),

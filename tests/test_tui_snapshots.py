@@ -105,6 +105,8 @@ def fake_cluster(*, variant: str = "serving") -> dict[str, Any]:
     engine: dict[str, Any] = {
         "state": "serving", "progress": 1.0, "generation": 4, "restarts": 3, "last_error": "",
         "requests_in_flight": 2,
+        "speculation": {"mode": "prompt", "default": True, "draft_max": 8, "drafted": 1234, "accepted": 765,
+                        "acceptance": 0.62},
     }
     health = {"status": "ok", "reason": ""}
     throughput = {"tokens_per_s": 18.4, "requests_in_flight": 2}

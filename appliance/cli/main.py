@@ -28,6 +28,7 @@ from appliance import __version__
 from appliance.common.config import (
     DEFAULT_API_PORT,
     DEFAULT_CONTROL_PORT,
+    DEFAULT_DRAFT_MAX_TOKENS,
     DEFAULT_MAX_BATCH,
     DEFAULT_N_CTX,
     DEFAULT_RPC_PORT,
@@ -344,6 +345,7 @@ def cmd_head(args: argparse.Namespace) -> int:
         )
     model = resolve_model(args.model)
     load_profile(model)  # fail fast, one line
+    draft = _draft_model(args, model)
     keys = _head_keys(args)
     cfg = HeadConfig(
         model_path=str(model),
@@ -364,6 +366,10 @@ def cmd_head(args: argparse.Namespace) -> int:
         run_dir=args.run_dir or "",
         model_name=args.model_name or "",
         max_tokens=args.max_tokens,
+        speculative=_on_off(args.speculative, "--speculative"),
+        draft_model_path=draft,
+        draft_max=args.draft_max,
+        draft_min=args.draft_min,
         timing=parse_timing(args),
     )
     head = Head(cfg, keys=keys)
@@ -377,6 +383,34 @@ def cmd_head(args: argparse.Namespace) -> int:
         logs.get("head").error("head_exiting", reason=str(exc))
         return 1
     return 0
+
+
+def _on_off(value: Any, option: str) -> bool:
+    """`on`/`off` from the command line, or a YAML boolean (YAML reads a bare on/off as one)."""
+    if value in (True, "on"):
+        return True
+    if value in (False, "off"):
+        return False
+    raise CliError(f"{option} {value!r}: expected on or off")
+
+
+def _draft_model(args: argparse.Namespace, model: Any) -> str:
+    """The --draft-model path, checked before anything starts: a GGUF model whose vocabulary
+    is the model's (draft token ids are checked by the model, so they must mean the same)."""
+    from appliance.common.modelfile import load_profile, vocab_difference
+
+    if args.draft_max < 0:
+        raise CliError(f"--draft-max {args.draft_max}: must be 0 (no speculative decoding) or more")
+    if not 0 <= args.draft_min <= args.draft_max:
+        raise CliError(f"--draft-min {args.draft_min}: must be between 0 and --draft-max ({args.draft_max})")
+    if not args.draft_model:
+        return ""
+    load_profile(args.draft_model)
+    why = vocab_difference(model, args.draft_model)
+    if why:
+        raise CliError(f"--draft-model {args.draft_model} cannot draft for {model}: {why} "
+                       "(a draft model must use the same tokenizer as the model)")
+    return str(Path(args.draft_model).resolve())
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -449,6 +483,14 @@ def fetch_status(url: str, *, api_key: str | None) -> "ClusterStatus":
         raise CliError(f"unexpected answer from the head at {url}: {str(exc).splitlines()[0]}") from None
 
 
+def _speculation(spec: Any) -> str:
+    if spec.mode == "off":
+        return "off"
+    source = f"draft model {spec.draft_model}" if spec.mode == "model" else "from the prompt"
+    rate = "none yet" if spec.acceptance is None else f"{spec.acceptance:.0%} of {spec.drafted} accepted"
+    return f"{source}, {rate}" + ("" if spec.default else " (only for requests that ask)")
+
+
 def format_status(s: "ClusterStatus") -> str:
     """The human table of `anyway status`."""
     from appliance.core.planner import fmt_bytes
@@ -459,6 +501,7 @@ def format_status(s: "ClusterStatus") -> str:
         f"model:   {s.model.id}  {s.model.n_layers} layers  "
         f"engine {eng.state.value} #{eng.generation}  restarts {eng.restarts}",
         f"load:    {s.throughput.tokens_per_s} tok/s, {s.throughput.requests_in_flight} request(s) in flight",
+        f"drafts:  {_speculation(eng.speculation)}",
     ]
     if eng.state.value in ("starting", "loading"):
         for p in eng.load:
@@ -601,6 +644,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     s.add_argument("--run-dir", default=None)
     s.add_argument("--recovery-timeout", type=float, default=None, help="seconds a request waits for a healed engine")
+    s.add_argument("--speculative", choices=["on", "off"], default="on",
+                   help="requests check drafted tokens (speculative decoding) unless they say otherwise (default on)")
+    s.add_argument("--draft-model", default=None,
+                   help="small GGUF model with the same vocabulary that drafts tokens on the head "
+                        "(default: drafts from the prompt)")
+    s.add_argument("--draft-max", type=int, default=DEFAULT_DRAFT_MAX_TOKENS,
+                   help=f"most drafted tokens per request and decode step (default {DEFAULT_DRAFT_MAX_TOKENS}; "
+                        "0: no speculative decoding)")
+    s.add_argument("--draft-min", type=int, default=0,
+                   help="check at least this many drafted tokens whenever there are drafts, overriding the "
+                        "adaptive length (default 0; for tests and measurements)")
     _add_common_cluster(s)
     s.set_defaults(func=cmd_head)
 

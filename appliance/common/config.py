@@ -24,6 +24,8 @@ DEFAULT_API_PORT = 8080
 DEFAULT_RPC_PORT = 50052
 DEFAULT_N_CTX = 2048
 DEFAULT_MAX_BATCH = 4
+DEFAULT_DRAFT_MAX_TOKENS = 8
+"""Speculative decoding: most drafted tokens checked per sequence and decode step (`--draft-max`)."""
 
 
 def cache_dir() -> Path:

@@ -39,6 +39,13 @@ def _float(d: dict[str, Any], key: str, *, default: float | None = None) -> floa
     return float(v)
 
 
+def _bool(d: dict[str, Any], key: str, *, default: bool) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise BadMessage(f"{key!r} must be true or false")
+    return v
+
+
 def _str(d: dict[str, Any], key: str, *, default: str | None = None, limit: int = 4096) -> str:
     v = d.get(key, default)
     if not isinstance(v, str):
@@ -137,6 +144,9 @@ class Submit:
     (after an engine restart): the engine brings them into the KV cache, accepts them into
     the request's sampler chain (so penalties, grammar and the seeded random generator
     are where they were) and continues.
+
+    `speculative`: the engine may check drafted tokens for this request (speculative
+    decoding; the text is the same either way, only the speed differs).
     """
 
     T: ClassVar[str] = "submit"
@@ -145,6 +155,7 @@ class Submit:
     max_new: int
     sampling: Sampling = field(default_factory=Sampling)
     replay: tuple[int, ...] = ()
+    speculative: bool = True
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> "Submit":
@@ -154,6 +165,7 @@ class Submit:
             max_new=_int(d, "max_new", lo=1),
             sampling=Sampling.parse(d.get("sampling", {})),
             replay=_tokens(d, "replay"),
+            speculative=_bool(d, "speculative", default=True),
         )
 
 
@@ -305,17 +317,23 @@ class Tokens:
 
 @dataclass(frozen=True, kw_only=True)
 class Done:
-    """engine → head: a request finished: "stop" (end of generation), "length", "context"."""
+    """engine → head: a request finished: "stop" (end of generation), "length", "context".
+
+    `drafted` / `accepted`: drafted tokens this engine checked for the request, and how many
+    of them were right (speculative decoding)."""
 
     T: ClassVar[str] = "done"
     id: str
     reason: str = "stop"
     produced: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> "Done":
         return cls(id=_str(d, "id", limit=64), reason=_str(d, "reason", default="stop", limit=32),
-                   produced=_int(d, "produced", default=0, lo=0))
+                   produced=_int(d, "produced", default=0, lo=0), drafted=_int(d, "drafted", default=0, lo=0),
+                   accepted=_int(d, "accepted", default=0, lo=0))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -342,10 +360,12 @@ class Heartbeat:
     tokens: int  # tokens sampled and sent
     prefilled: int = 0  # tokens brought in by prefills (prompts and resumed answers)
     decodes: int = 0  # llama_decode calls (prefill chunks and decode steps)
+    drafted: int = 0  # drafted tokens checked (speculative decoding)
+    accepted: int = 0  # of those, the ones that were right
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> "Heartbeat":
-        keys = ("active", "queued", "steps", "tokens", "prefilled", "decodes")
+        keys = ("active", "queued", "steps", "tokens", "prefilled", "decodes", "drafted", "accepted")
         return cls(**{k: _int(d, k, default=0, lo=0) for k in keys})
 
 

@@ -111,6 +111,31 @@ def _field(reader: Any, key: str) -> Any:
         return None
 
 
+def vocab_difference(model: str | os.PathLike[str], draft: str | os.PathLike[str]) -> str:
+    """Why `draft` cannot draft tokens for `model` ("" when it can): speculative decoding
+    compares token ids, so both must use the same tokenizer (the same token list, in order,
+    and the same tokenizer model). Reads only the GGUF metadata."""
+    from gguf import GGUFReader
+
+    def vocab(path: str | os.PathLike[str]) -> tuple[Any, list[Any]]:
+        reader = GGUFReader(str(path), "r")
+        f = reader.fields.get("tokenizer.ggml.tokens")
+        return _field(reader, "tokenizer.ggml.model"), (f.contents() if f is not None else [])
+
+    kind_m, toks_m = vocab(model)
+    kind_d, toks_d = vocab(draft)
+    if not toks_d:
+        return "it has no vocabulary (tokenizer.ggml.tokens)"
+    if kind_m != kind_d:
+        return f"its tokenizer is {kind_d!r}, the model's is {kind_m!r}"
+    if len(toks_m) != len(toks_d):
+        return f"its vocabulary has {len(toks_d)} tokens, the model's has {len(toks_m)}"
+    for i, (a, b) in enumerate(zip(toks_m, toks_d)):
+        if a != b:
+            return f"token {i} is {b!r} in it but {a!r} in the model"
+    return ""
+
+
 def load_profile(path: str | os.PathLike[str]) -> ModelProfile:
     """Read a GGUF file's metadata and tensor table into a `ModelProfile`."""
     p = Path(path)

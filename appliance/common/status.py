@@ -42,6 +42,7 @@ __all__ = [
     "PlanStatus",
     "ReloadResult",
     "Severity",
+    "SpeculationStatus",
     "Throughput",
 ]
 
@@ -177,6 +178,26 @@ class EngineStats(_Model):
     tokens: int = 0
     prefilled: int = 0
     decodes: int = 0
+    drafted: int = 0  # drafted tokens checked (speculative decoding)
+    accepted: int = 0  # of those, accepted
+
+
+class SpeculationStatus(_Model):
+    """Speculative decoding: where drafts come from and how often they are right."""
+
+    mode: str = "off"
+    """"prompt" (prompt lookup), "model" (a draft model on the head) or "off"."""
+    default: bool = False
+    """Requests speculate unless they send `speculative: false`."""
+    draft_model: str = ""
+    """The draft model's file name (mode "model")."""
+    draft_max: int = 0
+    """Most drafted tokens per request and decode step."""
+    drafted: int = 0
+    """Drafted tokens checked since the head started (every engine)."""
+    accepted: int = 0
+    acceptance: float | None = None
+    """accepted / drafted (None before any draft)."""
 
 
 class LoadProgress(_Model):
@@ -207,6 +228,7 @@ class EngineStatus(_Model):
     stats: EngineStats = Field(default_factory=EngineStats)
     load: list[LoadProgress] = Field(default_factory=list)
     """Per worker, while the engine starts or loads (and the last load's figures after)."""
+    speculation: SpeculationStatus = Field(default_factory=SpeculationStatus)
 
 
 class Throughput(_Model):

@@ -22,6 +22,13 @@ The memory the lanes take is planned: each lane's compute buffers on every node
 
 Threads: each lane's thread only computes; the process's main thread alone talks to the
 head's socket, collecting what the lanes produce from one thread-safe queue.
+
+Speculative decoding (appliance.engine.drafting) happens inside each lane's `Engine`: its
+drafts are checked in that lane's own step, its one `llama_decode`. A draft model is a
+llama.cpp context on the head, and a context is not safe to use from two threads, so each
+lane has its own `DraftModel` (its own context, KV cache and batch) over draft weights
+loaded once per process (`DraftWeights`, read-only, shared like the target's weights). The
+draft counters in the heartbeat are the sum over the lanes (`stats`).
 """
 
 from __future__ import annotations
@@ -134,6 +141,8 @@ class Lanes:
             "tokens": sum(e.tokens_out for e in engines),
             "prefilled": sum(e.prefilled for e in engines),
             "decodes": sum(e.decodes for e in engines),
+            "drafted": sum(e.drafted for e in engines),  # speculative decoding, every lane's drafts
+            "accepted": sum(e.accepted for e in engines),
         }
 
     def stop(self) -> None:

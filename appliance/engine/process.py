@@ -26,6 +26,7 @@ from appliance.common.config import EngineTiming
 from appliance.common.dataplane import TunnelSpec
 from appliance.common.process import die_with_parent
 from appliance.core.planner import Plan
+from appliance.engine.drafting import DRAFT_MAX_TOKENS
 from appliance.engine.engine import Engine
 from appliance.engine.lanes import Lanes, lane_batches
 
@@ -61,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
     engines: list[Engine] = []
     try:
         for size in sizes:
+            first = engines[0] if engines else None
+            # Later lanes share the first's weights (and draft weights); each makes its own contexts.
             eng = Engine(model_path=args.model, plan=plan, n_ctx_seq=args.n_ctx, max_batch=size,
-                         n_threads=args.threads, send=send, model=engines[0].model if engines else None,
-                         tunnels=tunnels)
+                         n_threads=args.threads, send=send, model=first.model if first else None,
+                         tunnels=tunnels, draft_max=args.draft_max, draft_model_path=args.draft_model or "",
+                         draft_min=args.draft_min, draft_weights=first.draft_weights if first else None)
             eng.load()
             engines.append(eng)
     except Exception as exc:  # noqa: BLE001 - reported to the head, then exit
@@ -111,7 +115,8 @@ def _serve_one(sock: zmq.Socket, eng: Engine, send: Any, heartbeat_s: float) -> 
         if now - last_hb >= heartbeat_s:
             last_hb = now
             send(ep.Heartbeat(active=len(eng.active), queued=len(eng.queue), steps=eng.steps, tokens=eng.tokens_out,
-                              prefilled=eng.prefilled, decodes=eng.decodes))
+                              prefilled=eng.prefilled, decodes=eng.decodes, drafted=eng.drafted,
+                              accepted=eng.accepted))
 
 
 def _serve_lanes(sock: zmq.Socket, lanes: Lanes, send: Any, heartbeat_s: float) -> int:  # type: ignore[type-arg]
@@ -157,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--tunnels", default="", help="JSON: which plan endpoints are TLS and the certificates they pin")
+    p.add_argument("--draft-max", type=int, default=DRAFT_MAX_TOKENS,
+                   help="most drafted tokens checked per sequence and step (0: no speculative decoding)")
+    p.add_argument("--draft-min", type=int, default=0,
+                   help="check at least this many drafted tokens whenever there are drafts (overrides the adaptive length)")
+    p.add_argument("--draft-model", default="", help="small GGUF model with the same vocabulary that drafts tokens")
     p.add_argument(
         "--heartbeat-interval", type=float, default=EngineTiming().ENGINE_HEARTBEAT_INTERVAL_S,
         help="seconds between progress heartbeats to the head",

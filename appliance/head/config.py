@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from appliance.common.config import DEFAULT_API_PORT, DEFAULT_CONTROL_PORT, DEFAULT_MAX_BATCH, DEFAULT_N_CTX, Timing
+from appliance.common.config import (
+    DEFAULT_API_PORT,
+    DEFAULT_CONTROL_PORT,
+    DEFAULT_DRAFT_MAX_TOKENS,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_N_CTX,
+    Timing,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,4 +58,13 @@ class HeadConfig:
     """Where the engine's socket and plan files go (default: a fresh temporary directory)."""
     model_name: str = ""
     """Model id on the API (default: the file name without .gguf)."""
+    speculative: bool = True
+    """Requests speculate (check drafted tokens) unless they say `speculative: false`."""
+    draft_model_path: str = ""
+    """A small GGUF model with the same vocabulary that drafts tokens on the head ("" : prompt lookup)."""
+    draft_max: int = DEFAULT_DRAFT_MAX_TOKENS
+    """Most drafted tokens checked per sequence and decode step (0: no speculative decoding at all)."""
+    draft_min: int = 0
+    """Check at least this many drafted tokens whenever there are drafts, whatever the adaptive
+    length says (0: the adaptive length alone; for tests and for measuring)."""
     timing: Timing = field(default_factory=Timing)

@@ -61,8 +61,16 @@ class EngineProcess:
         threads: int,
         timing: EngineTiming,
         on_event: Callable[[EventKind, str], None],
+        draft_max: int = 0,
+        draft_min: int = 0,
+        draft_model_path: str = "",
+        on_drafts: Callable[[int, int], None] = lambda drafted, accepted: None,
     ) -> None:
         self.model_path = model_path
+        self.draft_max = draft_max
+        self.draft_min = draft_min
+        self.draft_model_path = draft_model_path
+        self.on_drafts = on_drafts  # (drafted, accepted) tokens newly counted by the engine
         self.run_dir = run_dir
         self.n_ctx_seq = n_ctx_seq
         self.max_batch = max_batch
@@ -152,6 +160,7 @@ class EngineProcess:
         self.started_at = self.last_progress_at = now
         self.ready = None
         self.pid = None
+        self.stats = ep.Heartbeat(active=0, queued=0, steps=0, tokens=0)  # the new engine's counters start at 0
         self.output_tail.clear()
         plan_file = self.run_dir / f"plan-{self.gen}.json"
         plan_file.write_text(json.dumps(plan.to_dict()))
@@ -171,8 +180,12 @@ class EngineProcess:
             "--max-batch", str(self.max_batch),
             "--threads", str(self.threads),
             "--heartbeat-interval", str(self.t.ENGINE_HEARTBEAT_INTERVAL_S),
+            "--draft-max", str(self.draft_max),
+            "--draft-min", str(self.draft_min),
             *(["--tunnels", str(tunnel_file)] if tunnels is not None else []),
         ]  # fmt: skip
+        if self.draft_model_path:
+            args += ["--draft-model", self.draft_model_path]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         # ggml's abort handler otherwise runs gdb for a backtrace first: half a second more
@@ -288,6 +301,9 @@ class EngineProcess:
             if self.sink is not None:
                 self.sink.on_engine_message(self.gen, msg)
         elif isinstance(msg, ep.Heartbeat):
+            old = self.stats  # the same engine's previous counters (reset when an engine starts)
+            if msg.drafted > old.drafted:
+                self.on_drafts(msg.drafted - old.drafted, max(msg.accepted - old.accepted, 0))
             self.stats = msg
             if not msg.active and not msg.queued:
                 self.last_progress_at = now

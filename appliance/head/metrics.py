@@ -34,6 +34,16 @@ class Metrics:
         self.abandoned = Counter(
             "anyway_requests_abandoned_total", "Requests whose client left before the answer (decoding stopped)", registry=r
         )
+        self.drafted = Counter(
+            "anyway_draft_tokens_total", "Drafted tokens checked by the model (speculative decoding)", registry=r
+        )
+        self.accepted = Counter(
+            "anyway_draft_tokens_accepted_total", "Drafted tokens the model accepted (each saved a decode pass)",
+            registry=r,
+        )
+        self.acceptance = Gauge(
+            "anyway_draft_acceptance_ratio", "Accepted / drafted tokens since the head started", registry=r
+        )
         self.worker_busy = Gauge(
             "anyway_worker_busy_ratio",
             "Fraction of wall time each worker's RPC server computed (last heartbeat interval)",

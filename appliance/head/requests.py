@@ -73,8 +73,11 @@ class GenParams:
     prompt: list[int]
     max_new: int
     sampling: ep.Sampling = field(default_factory=ep.Sampling)
+    speculative: bool = True  # the engine may check drafted tokens for it (same text, other speed)
     finish_reason: str = ""  # "stop" | "length", set when the engine finishes it
     resumes: int = 0  # how many engine restarts it survived
+    drafted: int = 0  # drafted tokens checked for it, by the engine that finished it
+    accepted: int = 0  # of those, accepted
 
 
 # What a request's queue carries: (kind, engine generation, payload).
@@ -134,6 +137,8 @@ class RequestRouter:
             return
         r.resuming = False
         if isinstance(msg, ep.Done):
+            r.params.drafted += msg.drafted
+            r.params.accepted += msg.accepted
             r.queue.put_nowait(("done", gen, msg.reason))
         else:
             r.queue.put_nowait(("error", gen, msg.error))
@@ -165,7 +170,7 @@ class RequestRouter:
                 await engine.send(
                     ep.Submit(
                         id=rid, tokens=tuple(params.prompt), replay=tuple(req.sent), max_new=remaining,
-                        sampling=params.sampling,
+                        sampling=params.sampling, speculative=params.speculative,
                     )
                 )
                 while True:

@@ -8,6 +8,7 @@ operator sees about nodes, plans and the engine is assembled here, into the mode
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from appliance import __version__
@@ -29,6 +30,7 @@ from appliance.common.status import (
     NodeStatus,
     NodeVersions,
     PlanStatus,
+    SpeculationStatus,
     Throughput,
 )
 from appliance.core.membership import Membership, Node
@@ -105,7 +107,23 @@ def _node_status(
     )
 
 
-def engine_status(engine: EngineProcess, *, requests_in_flight: int, load: list[LoadProgress] | None = None) -> EngineStatus:
+def speculation_status(*, engine: EngineProcess, default: bool, drafted: int, accepted: int) -> SpeculationStatus:
+    mode = "off" if not engine.draft_max else ("model" if engine.draft_model_path else "prompt")
+    return SpeculationStatus(
+        mode=mode,
+        default=default and mode != "off",
+        draft_model=Path(engine.draft_model_path).name if engine.draft_model_path else "",
+        draft_max=engine.draft_max,
+        drafted=drafted,
+        accepted=accepted,
+        acceptance=round(accepted / drafted, 4) if drafted else None,
+    )
+
+
+def engine_status(
+    engine: EngineProcess, *, requests_in_flight: int, load: list[LoadProgress] | None = None,
+    speculation: SpeculationStatus | None = None,
+) -> EngineStatus:
     ready = engine.ready
     s = engine.stats
     return EngineStatus(
@@ -124,8 +142,9 @@ def engine_status(engine: EngineProcess, *, requests_in_flight: int, load: list[
         last_recovery_s=round(engine.last_recovery_s, 3) if engine.last_recovery_s is not None else None,
         requests_in_flight=requests_in_flight,
         stats=EngineStats(active=s.active, queued=s.queued, steps=s.steps, tokens=s.tokens, prefilled=s.prefilled,
-                          decodes=s.decodes),
+                          decodes=s.decodes, drafted=s.drafted, accepted=s.accepted),
         load=load or [],
+        speculation=speculation or SpeculationStatus(),
     )
 
 
@@ -161,6 +180,7 @@ def cluster_status(
     started_at: float,
     failover: Callable[[str], dict[str, Any] | None] = lambda name: None,
     load: list[LoadProgress] | None = None,
+    speculation: SpeculationStatus | None = None,
 ) -> ClusterStatus:
     now = time.monotonic()
     plan = engine.plan if engine.plan is not None else desired_plan
@@ -177,7 +197,7 @@ def cluster_status(
         nodes=nodes,
         plan=plan_status(plan),
         desired_plan=plan_status(desired_plan),
-        engine=engine_status(engine, requests_in_flight=requests_in_flight, load=load),
+        engine=engine_status(engine, requests_in_flight=requests_in_flight, load=load, speculation=speculation),
         throughput=Throughput(tokens_per_s=round(tokens_per_s, 2), requests_in_flight=requests_in_flight),
         events_last_id=events_last_id,
         uptime_s=round(time.time() - started_at, 1),

@@ -98,7 +98,13 @@ class Head:
             threads=cfg.engine_threads,
             timing=self.timing.engine,
             on_event=self._on_engine_event,
+            draft_max=cfg.draft_max,
+            draft_min=cfg.draft_min,
+            draft_model_path=cfg.draft_model_path,
+            on_drafts=self._on_drafts,
         )
+        self.drafted = 0  # drafted tokens the engines checked since the head started
+        self.accepted = 0  # of those, accepted
         self.admission = Admission(limit=cfg.max_batch + cfg.max_queued)
         self.text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.router = RequestRouter(
@@ -180,6 +186,13 @@ class Head:
             self.prober.trigger()  # usually a worker vanished under the engine: find which, now
         elif kind == EventKind.ENGINE_READY and self.engine.last_recovery_s is not None:
             self.metrics.recovery.observe(self.engine.last_recovery_s)
+
+    def _on_drafts(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.metrics.drafted.inc(drafted)
+        self.metrics.accepted.inc(accepted)
+        self.metrics.acceptance.set(self.accepted / self.drafted)
 
     def _on_tokens(self, n: int) -> None:
         self._tok_window.append((time.monotonic(), n))
@@ -439,6 +452,9 @@ class Head:
             started_at=self.started_at,
             failover=self.staging.node_status,
             load=self.load_meter.progress(),
+            speculation=status_view.speculation_status(
+                engine=self.engine, default=self.cfg.speculative, drafted=self.drafted, accepted=self.accepted
+            ),
         )
 
     def node_state(self, name: str) -> NodeState:

@@ -3,7 +3,8 @@
 One line names the model and the engine's state; while the engine loads, a progress
 bar follows the head's `engine.progress`, and a line shows what each worker has received
 so far and how fast; when the cluster is not healthy its reason (or the engine's last
-error) is shown underneath, in the health's colour.
+error) is shown underneath, in the health's colour. A line shows speculative decoding:
+where drafts come from and how many of the drafted tokens the model accepted.
 """
 
 from __future__ import annotations
@@ -14,11 +15,34 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, Static
 
 from appliance.common.kinds import EngineState, HealthState
-from appliance.common.status import ClusterStatus
+from appliance.common.status import ClusterStatus, SpeculationStatus
 
 from ..format import ENGINE_STATE_STYLE, HEALTH_STYLE, fmt_age, fmt_bytes
 
 LOADING_STATES = frozenset({EngineState.STARTING, EngineState.LOADING})
+
+
+SPEC_SOURCE = {"prompt": "drafts from the prompt", "model": "draft model"}
+
+
+def speculation_line(spec: SpeculationStatus) -> Text:
+    """`speculation  drafts from the prompt · 62% of 1,234 drafted tokens accepted`."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append("speculation  ", style="dim")
+    if spec.mode == "off":
+        text.append("off", style="dim")
+        return text
+    text.append(SPEC_SOURCE.get(spec.mode, spec.mode))
+    if spec.draft_model:
+        text.append(f" {spec.draft_model}", style="bold")
+    if not spec.default:
+        text.append(" (only when a request asks)", style="dim")
+    if spec.acceptance is None:
+        text.append(" · nothing drafted yet", style="dim")
+    else:
+        text.append(f" · {spec.acceptance:.0%}", style="bold green" if spec.acceptance >= 0.5 else "yellow")
+        text.append(f" of {spec.drafted:,} drafted tokens accepted", style="dim")
+    return text
 
 
 class EngineStatus(Vertical):
@@ -30,6 +54,7 @@ class EngineStatus(Vertical):
             yield Label("loading ", id="engine-loading-label")
             yield ProgressBar(total=100, show_eta=False, id="engine-progress")
         yield Static(id="engine-load-nodes")
+        yield Static(id="engine-spec")
         yield Static(id="engine-reason")
 
     def on_mount(self) -> None:
@@ -74,6 +99,7 @@ class EngineStatus(Vertical):
                 parts.append(p.node, style="bold")
                 parts.append(f" {fmt_bytes(p.bytes)}/{fmt_bytes(p.total_bytes)} {fmt_bytes(p.bytes_per_s)}/s", style="dim")
             per_node.update(parts)
+        self.query_one("#engine-spec", Static).update(speculation_line(engine.speculation))
         healthy = status == HealthState.OK
         reason = health.reason or ("" if healthy else engine.last_error)
         if state == EngineState.FAILED and engine.last_error:

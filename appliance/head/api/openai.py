@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from appliance.common import engine_protocol as ep
 from appliance.common import logs
@@ -158,6 +158,9 @@ class _GenRequest(_Base):
     n: int = Field(default=1, ge=1, le=MAX_N)
     response_format: ResponseFormat | None = None
     user: str | None = None
+    speculative: StrictBool | None = None
+    """Not OpenAI's: check drafted tokens (speculative decoding; the same text, faster when the
+    drafts are right). None: the server's default (`anyway head --speculative`)."""
 
     @field_validator("stop")
     @classmethod
@@ -290,7 +293,7 @@ class Completion:
             choice = {"index": index, "text": (delta or {}).get("content", ""), "logprobs": lp, "finish_reason": finish}
         return {**self._envelope(stream=True), "choices": [choice]}
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self._envelope(stream=True), "choices": [], "usage": usage}
 
     def choice(
@@ -307,7 +310,7 @@ class Completion:
             ]
         return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
 
-    def final(self, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+    def final(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
         return {**self._envelope(stream=False), "choices": choices, "usage": usage}
 
 
@@ -521,9 +524,16 @@ async def _answer(
     head.metrics.prompt_tokens.inc(prompt_len)
     retry = head.timing.recovery.RETRY_AFTER_S
 
-    def usage() -> dict[str, int]:
+    def usage() -> dict[str, Any]:
         made = sum(c.run.count for c in choices)
-        return {"prompt_tokens": prompt_len, "completion_tokens": made, "total_tokens": prompt_len + made}
+        out: dict[str, Any] = {"prompt_tokens": prompt_len, "completion_tokens": made, "total_tokens": prompt_len + made}
+        drafted = sum(c.run.params.drafted for c in choices)
+        if drafted:  # OpenAI's fields for predicted outputs: drafted tokens right and wrong
+            accepted = sum(c.run.params.accepted for c in choices)
+            out["completion_tokens_details"] = {
+                "accepted_prediction_tokens": accepted, "rejected_prediction_tokens": drafted - accepted,
+            }
+        return out
 
     if not stream:
 
@@ -693,6 +703,11 @@ def _budget(head: Head, prompt_len: int, max_tokens: int | None, param: str) -> 
             code="context_length_exceeded",
         )
     return max_tokens
+
+
+def _speculative(head: Head, req: _GenRequest) -> bool:
+    """Whether the request's tokens may be drafted and checked: its `speculative`, else the server's default."""
+    return head.cfg.speculative if req.speculative is None else req.speculative
 
 
 def _check_bias(head: Head, req: _GenRequest) -> None:
@@ -873,7 +888,8 @@ async def chat(req: ChatRequest, request: Request, head: Head = Depends(get_head
     choices = [
         _Choice(head, index=i, stops=stops, out=out,
                 params=GenParams(prompt=tokens, max_new=budget,
-                                 sampling=req.sampling(choice=i, grammar=grammar, logprobs=logprobs)))
+                                 sampling=req.sampling(choice=i, grammar=grammar, logprobs=logprobs),
+                                 speculative=_speculative(head, req)))
         for i in range(req.n)
     ]
     return await _respond(
@@ -918,7 +934,8 @@ async def completions(req: CompletionRequest, request: Request, head: Head = Dep
     choices = [
         _Choice(head, index=i, stops=list(req.stop or []), out=out,  # type: ignore[arg-type]
                 params=GenParams(prompt=tokens, max_new=budget,
-                                 sampling=req.sampling(choice=i, grammar=grammar, logprobs=req.logprobs)))
+                                 sampling=req.sampling(choice=i, grammar=grammar, logprobs=req.logprobs),
+                                 speculative=_speculative(head, req)))
         for i in range(req.n)
     ]
     return await _respond(
