@@ -447,8 +447,11 @@ NOTES = """## Reading these numbers
 """
 
 
-KEPT_SECTIONS = ("## Secure data plane",)
-"""Sections of BENCHMARKS.md that other harnesses write (bench.dataplane): kept when this one rewrites the file."""
+KEPT_SECTIONS = ("## Secure data plane", "## Throughput: concurrent clients, lanes on and off")
+"""Sections of BENCHMARKS.md that other harnesses write (bench.dataplane, bench.throughput):
+kept when this one rewrites the file."""
+KEPT_BLOCKS = (("<!-- bench.speculative: begin -->", "<!-- bench.speculative: end -->"),)
+"""Sections other harnesses write between markers (bench.speculative), kept whole, markers included."""
 
 
 def kept_sections(path: Path) -> str:
@@ -457,6 +460,11 @@ def kept_sections(path: Path) -> str:
     except OSError:
         return ""
     out = ""
+    for begin, end_marker in KEPT_BLOCKS:
+        start, end = old.find(begin), old.find(end_marker)
+        if 0 <= start < end:
+            out += "\n" + old[start : end + len(end_marker)] + "\n"
+            old = old[:start] + old[end + len(end_marker) :]
     for heading in KEPT_SECTIONS:
         start = old.find("\n" + heading)
         if start >= 0:
