@@ -102,10 +102,11 @@ class LanLab:
 
         The data plane defaults to plain TCP so that bare llama.cpp RPC can reach the same
         servers directly and ratios compare orchestration, not encryption; `data_plane="tls"`
-        runs what real boxes run (bench.dataplane measures the difference)."""
+        runs what real boxes run (bench.dataplane measures the difference). The API listens on the
+        head's bridge address, so it has keys; requests carry `c.headers`."""
         c = LocalCluster(model=model, state_dir=state_dir, api_host=self.ip("head"), api_port=free_port(),
                          n_ctx=n_ctx, max_batch=max_batch, strategy=strategy, heartbeat_interval=heartbeat_interval,
-                         control_bind_host=self.ip("head"), data_plane=data_plane)
+                         control_bind_host=self.ip("head"), data_plane=data_plane, api_keys=True)
         c.control = f"tcp://{self.ip('head')}:{c.control_port}"
         c.start_head(head_args, wrapper=self.wrapper("head"))
         for k in range(1, self.workers + 1):

@@ -108,7 +108,7 @@ def staged(s: dict[str, Any]) -> bool:
 
 
 def events(c: LocalCluster, since: int) -> list[dict[str, Any]]:
-    return httpx.get(f"{c.url}/v1/events", params={"since": since, "limit": 1000}, timeout=10).json()["events"]
+    return httpx.get(f"{c.url}/v1/events", params={"since": since, "limit": 1000}, headers=c.headers, timeout=10).json()["events"]
 
 
 def phases(evs: list[dict[str, Any]], t0: float) -> dict[str, float]:
@@ -157,7 +157,7 @@ def stream(c: LocalCluster, model_id: str, *, prompt: str, max_tokens: int, kill
     body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     parts, times, fault_at = [], [], None
     t0 = time.time()
-    with httpx.stream("POST", f"{c.url}/v1/completions", json=body, timeout=3600) as r:
+    with httpx.stream("POST", f"{c.url}/v1/completions", json=body, headers=c.headers, timeout=3600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -245,7 +245,7 @@ def bench_model(size: str, model: Path, lab: LanLab, tmp: Path, args: argparse.N
             f"{after['token_interval_s']:.3f}s")
 
         gen = s["engine"]["generation"]
-        httpx.post(f"{c.url}/v1/reload", timeout=10)
+        httpx.post(f"{c.url}/v1/reload", headers=c.headers, timeout=10)
         s = wait(c, lambda x: x["engine"]["generation"] > gen and serving_on(WORKERS)(x), "warm reload")
         res["warm_load_s"] = s["engine"]["load_s"]
         log(f"{size}: warm reload {res['warm_load_s']:.1f}s")

@@ -130,7 +130,7 @@ def first_layers(src: Path, dst: Path, n_layers: int) -> Path:
 
 # ------------------------------------------------------------------ the appliance
 def state(c: LocalCluster) -> dict[str, Any]:
-    return httpx.get(f"{c.url}/v1/cluster", timeout=10).json()
+    return httpx.get(f"{c.url}/v1/cluster", headers=c.headers, timeout=10).json()
 
 
 def serving(c: LocalCluster, timeout_s: float = 1800) -> dict[str, Any]:
@@ -166,7 +166,7 @@ def ask(c: LocalCluster, model_id: str, task: str, *, tokens: int, speculative: 
         body["speculative"] = speculative
     parts, stamps, usage = [], [], {}
     t0 = time.perf_counter()
-    with httpx.stream("POST", f"{c.url}/v1/chat/completions", json=body, timeout=3600) as r:
+    with httpx.stream("POST", f"{c.url}/v1/chat/completions", json=body, headers=c.headers, timeout=3600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

@@ -66,11 +66,11 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------ measuring
-def stream(url: str, model_id: str, prompt: str, tokens: int) -> int:
+def stream(url: str, model_id: str, prompt: str, tokens: int, headers: dict[str, str] | None = None) -> int:
     body = {"model": model_id, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     n = 0
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=900) as r:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers or {}, timeout=900) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -119,7 +119,7 @@ def concurrent(c: LocalCluster, model_id: str, *, clients: int, tokens: int, wor
     head = CpuClock(engine_tree(c))
     s0, h0, t0 = servers.read(), head.read(), time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
-        made = list(pool.map(lambda i: stream(c.url, model_id, PROMPTS[i % len(PROMPTS)], tokens), range(clients)))
+        made = list(pool.map(lambda i: stream(c.url, model_id, PROMPTS[i % len(PROMPTS)], tokens, c.headers), range(clients)))
     wall = time.perf_counter() - t0
     s1, h1 = servers.read(), head.read()
     return {
@@ -187,7 +187,7 @@ def bench_cluster(model: Path, n: int, args: argparse.Namespace, tmp: Path, lab:
             order = list(configs) if rep % 2 == 0 else list(reversed(configs))
             for mode in order:
                 st = head_with(c, lanes=configs[mode], n=n)
-                stream(c.url, model_id, PROMPTS[0], 4)  # warm: first graph, first tokens
+                stream(c.url, model_id, PROMPTS[0], 4, c.headers)  # warm: first graph, first tokens
                 for k in args.clients:
                     r = concurrent(c, model_id, clients=k, tokens=args.tokens, workers=names)
                     runs[mode].append(r)

@@ -68,6 +68,7 @@ class LocalCluster:
         heartbeat_interval: float | None = None,
         control_bind_host: str = "127.0.0.1",
         data_plane: str = "plain",
+        api_keys: bool = False,
     ) -> None:
         self.model = Path(model)
         self.state_dir = Path(state_dir)
@@ -82,11 +83,32 @@ class LocalCluster:
         self.control = f"tcp://127.0.0.1:{self.control_port}"  # where local workers connect
         self.n_ctx, self.max_batch, self.strategy = n_ctx, max_batch, strategy
         self.data_plane = data_plane
+        # An API on an address other than loopback needs keys (the head refuses to start
+        # without): generate an inference and an admin key, and use the admin one ourselves.
+        self.admin_key: str | None = None
+        self.key_args: list[str] = []
+        if api_keys:
+            import secrets
+
+            files = {}
+            for kind in ("inference", "admin"):
+                f = self.state_dir / f"{kind}.key"
+                if not f.exists():
+                    f.touch(mode=0o600)
+                    f.write_text(secrets.token_urlsafe(32) + "\n")
+                files[kind] = f
+            self.admin_key = files["admin"].read_text().strip()
+            self.key_args = ["--api-key-file", str(files["inference"]), "--admin-key-file", str(files["admin"])]
         self.hb = ["--heartbeat-interval", str(heartbeat_interval)] if heartbeat_interval else []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, list[str]] = {}
         self.wrappers: dict[str, list[str]] = {}
         self.logs: dict[str, Path] = {}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a request to this head's API carries (the admin key, which also serves inference)."""
+        return {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
 
     @property
     def url(self) -> str:
@@ -132,6 +154,7 @@ class LocalCluster:
                 "--run-dir",
                 str(self.state_dir / "head-run"),
                 *self.hb,
+                *self.key_args,
                 *(extra or []),
             ],
             wrapper=wrapper,
@@ -196,7 +219,7 @@ class LocalCluster:
 
     def cluster_state(self) -> dict[str, Any] | None:
         try:
-            r = httpx.get(f"{self.url}/v1/cluster", timeout=2)
+            r = httpx.get(f"{self.url}/v1/cluster", headers=self.headers, timeout=2)
             return r.json() if r.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
