@@ -97,13 +97,13 @@ class LanLab:
     def cluster(self, model: Path, *, state_dir: Path, n_ctx: int = 2048, max_batch: int = 2,
                 strategy: str = "memory", heartbeat_interval: float | None = None,
                 head_args: list[str] | None = None, worker_args: list[str] | None = None,
-                data_plane: str = "plain") -> LocalCluster:
+                data_plane: str = "tls") -> LocalCluster:
         """A head and the lab's workers, started as users start them (`anyway head/worker`).
 
-        The data plane defaults to plain TCP so that bare llama.cpp RPC can reach the same
-        servers directly and ratios compare orchestration, not encryption; `data_plane="tls"`
-        runs what real boxes run (bench.dataplane measures the difference). The API listens on the
-        head's bridge address, so it has keys; requests carry `c.headers`."""
+        The data plane is TLS, as on real boxes (a head with keys refuses a plain-TCP worker off
+        its own machine); bare llama.cpp runs reach the same servers through the same TLS
+        channel (`tunnels_for`). The API listens on the head's bridge address, so it has keys;
+        requests carry `c.headers`."""
         c = LocalCluster(model=model, state_dir=state_dir, api_host=self.ip("head"), api_port=free_port(),
                          n_ctx=n_ctx, max_batch=max_batch, strategy=strategy, heartbeat_interval=heartbeat_interval,
                          control_bind_host=self.ip("head"), data_plane=data_plane, api_keys=True)
@@ -116,3 +116,15 @@ class LanLab:
     def start_worker(self, c: LocalCluster, name: str, *, extra: list[str] | None = None) -> None:
         c.start_worker(name, extra=["--rpc-host", self.ip(name), "--rpc-port", str(50052), *(extra or [])],
                        wrapper=self.wrapper(name))
+
+
+def tunnels_for(c: LocalCluster, state: dict[str, Any], path: Path) -> Path:
+    """The engine's TunnelSpec for a bare llama.cpp run (`bench.bare --tunnels`): the same TLS
+    channel to the same workers the appliance's engine uses."""
+    from appliance.common.dataplane import TunnelSpec
+    from appliance.common.keys import load_allow_list
+
+    allow = load_allow_list(c.keys)
+    peers = {a["endpoint"]: allow[a["node"]] for a in state["plan"]["assignments"] if a.get("endpoint")}
+    path.write_text(TunnelSpec(head_key_file=str(c.keys / "server.key_secret"), peers=peers).to_json())
+    return path

@@ -41,6 +41,7 @@ from appliance.common.modelfile import resolve_model
 from appliance.common.modelfile import load_profile
 from appliance.cli.up import LocalCluster, free_port
 from bench.common import DECODE_PROMPT, long_prompt, median
+from bench.lab import tunnels_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -278,17 +279,6 @@ def start_cluster(model: Path, n: int, *, state: Path, strategy: str, max_batch:
 
     c.wait(ready, timeout_s=300, what=f"{n} workers alive, {holding or 'any'} holding layers")
     return c
-
-
-def tunnels_for(c: LocalCluster, state: dict[str, Any], path: Path) -> Path:
-    """The engine's TunnelSpec for the bare run: the same TLS channel to the same workers."""
-    from appliance.common.dataplane import TunnelSpec
-    from appliance.common.keys import load_allow_list
-
-    allow = load_allow_list(c.keys)
-    peers = {a["endpoint"]: allow[a["node"]] for a in state["plan"]["assignments"] if a.get("endpoint")}
-    path.write_text(TunnelSpec(head_key_file=str(c.keys / "server.key_secret"), peers=peers).to_json())
-    return path
 
 
 def layout(state: dict[str, Any]) -> tuple[list[str], list[float], int, str]:

@@ -40,7 +40,7 @@ import psutil
 
 from appliance.cli.up import LocalCluster
 from appliance.common.modelfile import fetch_demo, load_profile
-from bench.lab import LanLab
+from bench.lab import LanLab, tunnels_for
 from bench.synth import identity_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,11 +189,13 @@ def stream(c: LocalCluster, model_id: str, *, prompt: str, max_tokens: int, kill
 # ------------------------------------------------------------------ one model
 STAGING_PROBE_TOKENS = 40
 
-def bare_load(lab: LanLab, model: Path, s: dict[str, Any], n_ctx: int) -> float:
+def bare_load(lab: LanLab, c: LocalCluster, model: Path, s: dict[str, Any], n_ctx: int) -> float:
+    """llama-cpp-python loading the model over the same workers, layout and TLS channel."""
     plan = s["plan"]
+    tunnels = tunnels_for(c, s, c.state_dir / "bare-tunnels.json")
     cmd = [*lab.wrapper("head"), sys.executable, "-m", "bench.bare", "--model", str(model), "--load-only",
            "--rpc", ",".join(plan["rpc_endpoints"]), "--split", ",".join(str(x) for x in plan["tensor_split"]),
-           "--n-gpu-layers", str(plan["n_gpu_layers"]), "--n-ctx", str(n_ctx)]
+           "--n-gpu-layers", str(plan["n_gpu_layers"]), "--n-ctx", str(n_ctx), "--tunnels", str(tunnels)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"bare load failed: {out.stderr[-1500:]}")
@@ -255,8 +257,8 @@ def bench_model(size: str, model: Path, lab: LanLab, tmp: Path, args: argparse.N
         c.procs["head"].wait(timeout=60)
         time.sleep(1.0)
         clear_caches(c)
-        res["bare_cold_load_s"] = bare_load(lab, model, s, n_ctx)
-        res["bare_warm_load_s"] = bare_load(lab, model, s, n_ctx)
+        res["bare_cold_load_s"] = bare_load(lab, c, model, s, n_ctx)
+        res["bare_warm_load_s"] = bare_load(lab, c, model, s, n_ctx)
         log(f"{size}: bare cold {res['bare_cold_load_s']:.1f}s, warm {res['bare_warm_load_s']:.1f}s")
         c.spawn("head", c.args["head"], wrapper=c.wrappers.get("head"))
         s = wait(c, lambda x: serving_on(WORKERS)(x) and staged(x), "the head back, staged")
@@ -364,10 +366,9 @@ def write_report(results: dict[str, Any], cmdline: str) -> str:
         "Models: the demo model (SmolLM2-135M, 30 layers) with identity blocks stacked after it (`python -m",
         "bench.synth identity`), so each writes exactly the demo model's text while every block is loaded,",
         "sent and computed. Bare = llama-cpp-python over the same RPC servers and layout, no appliance.",
-        "The data plane is plain TCP here on both sides (`LanLab.cluster(data_plane=\"plain\")`), so the",
-        "ratios compare the appliance's orchestration with llama.cpp's; what the TLS data plane real boxes run",
-        "adds is measured apart (docs/BENCHMARKS.md, \"Secure data plane\": decode 1.00x, cold load 0.92-0.98x",
-        "of plain's speed).",
+        "The data plane is TLS on both sides, as on real boxes: the bare runs reach the same RPC servers",
+        "through the same authenticated channel (`bench.lab.tunnels_for`); what TLS costs against plain TCP",
+        "is measured apart (docs/BENCHMARKS.md, \"Secure data plane\").",
         "",
     ]
     busy = [f"{m['size']}: {' / '.join(str(x) for x in m['loadavg_start'])} at its start, "

@@ -47,7 +47,7 @@ import httpx
 
 from appliance.cli.up import LocalCluster
 from appliance.common.modelfile import fetch_demo, load_profile
-from bench.lab import LanLab
+from bench.lab import LanLab, tunnels_for
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 3
@@ -216,6 +216,7 @@ def bare_main(argv: list[str]) -> int:
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--tasks", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tunnels", default="", help="TunnelSpec JSON: reach the workers over the TLS data plane")
     a = p.parse_args(argv)
     import llama_cpp
     from llama_cpp import Llama, _logger
@@ -223,7 +224,12 @@ def bare_main(argv: list[str]) -> int:
     from appliance.common import ggml
 
     _logger.set_verbose(False)
-    ggml.register_rpc_servers(a.rpc.split(","))
+    endpoints = a.rpc.split(",")
+    if a.tunnels:
+        from appliance.common.dataplane import TunnelSpec, open_tunnels
+
+        endpoints = open_tunnels(TunnelSpec.from_json(Path(a.tunnels).read_text()), endpoints)
+    ggml.register_rpc_servers(endpoints)
     llm = Llama(a.model, n_ctx=2048, n_gpu_layers=a.n_gpu_layers, tensor_split=[float(x) for x in a.split.split(",")],
                 n_threads=a.threads, verbose=False)
     out: dict[str, Any] = {"tasks": {}}
@@ -269,11 +275,13 @@ def bare_main(argv: list[str]) -> int:
     return 0
 
 
-def bare(lab: LanLab, model: Path, s: dict[str, Any], tasks: list[str], tokens: int) -> dict[str, Any]:
+def bare(lab: LanLab, c: LocalCluster, model: Path, s: dict[str, Any], tasks: list[str], tokens: int) -> dict[str, Any]:
     plan = s["plan"]
+    tunnels = tunnels_for(c, s, c.state_dir / "bare-tunnels.json")  # the same TLS channel as the engine's
     cmd = [*lab.wrapper("head"), sys.executable, "-m", "bench.speculative", "bare", "--model", str(model),
            "--rpc", ",".join(plan["rpc_endpoints"]), "--split", ",".join(str(x) for x in plan["tensor_split"]),
-           "--n-gpu-layers", str(plan["n_gpu_layers"]), "--tokens", str(tokens), "--tasks", ",".join(tasks)]
+           "--n-gpu-layers", str(plan["n_gpu_layers"]), "--tokens", str(tokens), "--tasks", ",".join(tasks),
+           "--tunnels", str(tunnels)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=7200)
     if out.returncode != 0:
         raise RuntimeError(f"bare run failed: {out.stderr[-2000:]}")
@@ -343,7 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 c.procs["head"].wait(timeout=60)
                 time.sleep(1.0)
                 log("bare llama.cpp RPC")
-                res["bare"] = bare(lab, model, s, tasks, args.tokens)
+                res["bare"] = bare(lab, c, model, s, tasks, args.tokens)
                 log(f"bare: {json.dumps({t: round(v['decode_tps'], 2) for t, v in res['bare']['tasks'].items()})}; "
                     f"pass seconds by tokens {res['bare']['pass_s']}")
             finally:

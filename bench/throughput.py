@@ -132,12 +132,12 @@ def concurrent(c: LocalCluster, model_id: str, *, clients: int, tokens: int, wor
     }
 
 
-def bare_decode(model: Path, state: dict[str, Any], tokens: int, wrapper: list[str]) -> float:
-    """One stream of bare llama.cpp over the same RPC servers and layout (a fresh process)."""
+def bare_decode(model: Path, state: dict[str, Any], tokens: int, wrapper: list[str], tunnels: Path | None) -> float:
+    """One stream of bare llama.cpp over the same RPC servers, layout and data plane (a fresh process)."""
     plan = state["plan"]
     cmd = [*wrapper, sys.executable, "-m", "bench.bare", "--model", str(model), "--tokens", str(tokens), "--reps", "1",
            "--rpc", ",".join(plan["rpc_endpoints"]), "--split", ",".join(str(x) for x in plan["tensor_split"]),
-           "--n-gpu-layers", str(plan["n_gpu_layers"])]
+           "--n-gpu-layers", str(plan["n_gpu_layers"]), *(["--tunnels", str(tunnels)] if tunnels else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"bare run failed: {out.stderr[-2000:]}")
@@ -194,7 +194,8 @@ def bench_cluster(model: Path, n: int, args: argparse.Namespace, tmp: Path, lab:
                     log(f"  rep {rep + 1} lanes {mode:>3}: {k} client(s) {r['tps']:6.1f} tok/s  busy {r['busy']}  "
                         f"head+engine {r['head_cpu']:.2f} cores")
             head_with(c, lanes=None, n=n)
-            bare.append(bare_decode(model, st, args.tokens, c.wrappers.get("head") or []))
+            bare.append(bare_decode(model, st, args.tokens, c.wrappers.get("head") or [],
+                                     tunnels_for(c, st, state_dir / "bare-tunnels.json") if lab is not None else None))
             log(f"  rep {rep + 1} bare llama.cpp RPC, one stream: {bare[-1]:.1f} tok/s")
     finally:
         c.stop()
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = resolve(name)
                 for n in (int(x) for x in args.workers.split(",")):
                     if args.lan:
-                        from bench.lab import LanLab
+                        from bench.lab import LanLab, tunnels_for
 
                         with LanLab(workers=n, rate=args.rate) as lab:
                             results["clusters"].append(bench_cluster(model, n, args, Path(tmp), lab))
