@@ -131,3 +131,29 @@ def test_a_flood_is_dropped_and_reported_sparingly(cluster: Any) -> None:
     assert 1 <= len(reports) <= elapsed + 2, (len(reports), elapsed)
     assert all("flood" in e["message"] for e in reports)
     still_whole(cluster)
+
+
+def test_staging_requests_have_their_own_budget(cluster: Any) -> None:
+    """A worker pre-staging at its default rate (40 MiB/s in 512 KiB pieces: 80 FETCH/s) sends
+    more messages than the control budget (50/s). FETCHes draw on their own budget (bytes/s,
+    STAGING_SERVE_BYTES_PER_S), so a burst of them does not drain the node's control budget:
+    its HELLO right after 2,000 of them is still answered (with one shared budget, the first 200
+    drained it and the HELLO was dropped as a flood). Every FETCH refused is counted."""
+    before_bad = bad_frames(cluster)
+    s = node_dealer(cluster, "stager")
+    try:
+        for k in range(2000):  # far more than the control burst (200) and the staging burst (32)
+            s.send_multipart(P.encode(P.FETCH, {"hash": "0" * 32, "offset": k, "length": 1}))
+        s.send_multipart(P.encode(P.HELLO, hello("stager")))
+        deadline = time.monotonic() + 10
+        reply = None
+        while time.monotonic() < deadline:  # the answers to FETCH (if any) come first
+            reply = P.decode(s.recv_multipart(), allowed=P.HEAD_TYPES)
+            if reply.type in (P.WELCOME, P.REFUSE):
+                break
+        assert reply is not None and reply.type == P.WELCOME, reply
+    finally:
+        s.close()
+    # Not a member when they came (or past the staging burst): each is dropped and counted.
+    wait_until(lambda: bad_frames(cluster) >= before_bad + 2000, timeout_s=30, what="the FETCHes to be counted")
+    still_whole(cluster)

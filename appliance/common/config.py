@@ -105,6 +105,13 @@ class RecoveryTiming:
     its messages are dropped as a flood and counted as bad frames ..."""
     CONTROL_BURST_MESSAGES: int = 200
     """... after a burst of this many (a reconnect, a backlog after a pause)."""
+    STAGING_SERVE_BYTES_PER_S: float = 128 * 1024 * 1024
+    """Pre-staging's bulk traffic has its own budget, apart from the messages above: the head
+    serves one node's FETCHes (each charged a whole CHUNK, however little it asks for) at most
+    this fast, sustained; past it they are dropped as a flood and counted. Above a 1 Gbit/s
+    line rate, so a worker's own staging rate (40 MiB/s by default) is what paces staging ..."""
+    STAGING_BURST_MESSAGES: int = 32
+    """... after a burst of this many FETCHes (a worker asks for a few pieces at once)."""
     KEYS_RELOAD_INTERVAL_S: float = 0.5
     """How often the head checks its allow-list (DIR/nodes) for added and revoked node keys."""
     THROUGHPUT_WINDOW_S: float = 5.0

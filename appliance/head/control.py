@@ -111,6 +111,11 @@ class ControlServer:
         self._bad_since_report = 0
         self.bad_frames = 0
         self._bucket = _Bucket(recovery.CONTROL_MESSAGES_PER_S, recovery.CONTROL_BURST_MESSAGES)
+        # FETCH (pre-staging's bulk requests) draws on its own bucket: a worker staging at its
+        # rate sends more of them per second than any control message, and they must neither
+        # starve its heartbeats nor be taken for a flood (and a flood of them is still bounded).
+        self._fetch_bucket = _Bucket(recovery.STAGING_SERVE_BYTES_PER_S / protocol.MAX_PAYLOAD_BYTES,
+                                     recovery.STAGING_BURST_MESSAGES)
         self._refused_at: dict[str, float] = {}
 
     def start(self) -> None:
@@ -228,7 +233,12 @@ class ControlServer:
             except (zmq.ZMQError, Exception):  # noqa: BLE001 - metadata is best effort
                 peer, user = "", ""
             sender = user.encode() if user else ident
-            if not self._bucket.allow(sender, time.monotonic()):
+            if len(frames) >= 3 and frames[2].bytes == protocol.FETCH:
+                if not self._fetch_bucket.allow(sender, time.monotonic()):
+                    self._bad(f"flood: more than {self.t.STAGING_SERVE_BYTES_PER_S / 2**20:g} MiB/s of staging "
+                              f"requests from {user or 'one peer'}", ident)
+                    continue
+            elif not self._bucket.allow(sender, time.monotonic()):
                 self._bad(f"flood: more than {self.t.CONTROL_MESSAGES_PER_S:g} messages/s from {user or 'one peer'}", ident)
                 continue
             if self.keys is not None and (not user or self.keyring is None or user not in self.keyring.nodes):
