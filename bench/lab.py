@@ -50,7 +50,18 @@ class LanLab:
     def wrapper(self, member: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns(member)]
 
+    def _check_subnet_free(self) -> None:
+        """A lab left behind by a killed run (its bridge still holds the subnet) would take
+        this lab's traffic: say so instead of hanging on unreachable addresses."""
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if f" {self.subnet}.254/24 " in line:
+                dev = line.split()[1]
+                raise RuntimeError(f"{dev} already holds {self.subnet}.254/24 (a lab left by a killed run?): "
+                                   f"remove it (ip link del {dev}; ip netns list | grep awl) or give another subnet")
+
     def __enter__(self) -> "LanLab":
+        self._check_subnet_free()
         try:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
             self._made.append("bridge")
