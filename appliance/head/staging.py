@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from appliance.common import logs, protocol
 from appliance.common.config import cache_dir
@@ -77,8 +77,15 @@ class StagingService:
         membership: Membership,
         n_ctx: int,
         head_memory: int,
+        serving: Callable[[], bool] = lambda: False,
+        busy_chunk_interval_s: float = 0.0,
     ) -> None:
+        """`serving()`: requests are in flight; then each node's FETCHes are answered one at a
+        time, `busy_chunk_interval_s` apart (staging yields to the answers being written)."""
         self.model_path = model_path
+        self.serving = serving
+        self.busy_chunk_interval_s = busy_chunk_interval_s
+        self._pace: dict[str, asyncio.Lock] = {}
         self.profile = profile
         self.membership = membership
         self.n_ctx = n_ctx
@@ -160,8 +167,17 @@ class StagingService:
         if t is None or not 0 <= offset < t.size or not 0 < length <= protocol.MAX_PAYLOAD_BYTES:
             return None
         n = min(length, t.size - offset)
+        if self.serving() and self.busy_chunk_interval_s > 0:
+            async with self._pace.setdefault(node_name, asyncio.Lock()):
+                await asyncio.sleep(self.busy_chunk_interval_s)
+                return await self._read(h, offset, n, t.offset + offset)
+        return await self._read(h, offset, n, t.offset + offset)
+
+    async def _read(self, h: str, offset: int, n: int, file_offset: int) -> tuple[dict[str, Any], bytes] | None:
         fd = self._fd
-        data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, n, t.offset + offset)
+        if fd is None:
+            return None
+        data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, n, file_offset)
         return {"hash": h, "offset": offset}, data
 
     # ------------------------------------------------------------ status

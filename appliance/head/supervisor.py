@@ -125,6 +125,8 @@ class Head:
             membership=self.membership,
             n_ctx=cfg.n_ctx * cfg.max_batch,
             head_memory=cfg.head_memory_bytes,
+            serving=lambda: bool(self.router.requests),
+            busy_chunk_interval_s=self.timing.recovery.STAGING_BUSY_CHUNK_INTERVAL_S,
         )
         self.control = ControlServer(
             bind=cfg.control_bind,
