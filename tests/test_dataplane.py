@@ -28,7 +28,6 @@ from appliance.common.dataplane import TunnelSpec
 from appliance.common.keys import ISSUED_DIR, SERVER, add_node, init_keys, load_allow_list
 from appliance.common.netprobe import Reach, probe_tcp
 
-from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest

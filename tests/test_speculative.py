@@ -20,7 +20,6 @@ drafts keep failing.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any

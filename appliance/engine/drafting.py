@@ -48,7 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from appliance.common.config import DEFAULT_DRAFT_MAX_TOKENS as DRAFT_MAX_TOKENS
+from appliance.common.config import DEFAULT_DRAFT_MAX_TOKENS as DRAFT_MAX_TOKENS  # noqa: F401 - re-exported
 
 NGRAM_SIZES = (4, 3, 2)
 """Prompt lookup matches the last 4, then 3, then 2 tokens (longest first)."""
