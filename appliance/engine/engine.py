@@ -180,6 +180,7 @@ class Engine:
         self.tokens_out = 0
         self.prefilled = 0  # tokens brought in by prefills (prompts, and resumed answers)
         self.decodes = 0  # llama_decode calls, prefill chunks included
+        self.on_decode: Callable[[], None] | None = None  # called after each llama_decode (process.py heartbeats)
         self.drafted = 0  # drafted tokens checked by the model
         self.accepted = 0  # of those, accepted (each one a token that needed no pass of its own)
 
@@ -282,10 +283,12 @@ class Engine:
             b.logits[i] = 1 if want else 0
 
     def _decode(self) -> None:
-        self.decodes += 1
         rc = self.ll.llama_decode(self.ctx, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
+        self.decodes += 1  # counted once done: the head's stall detector sees each pass complete
+        if self.on_decode is not None:
+            self.on_decode()  # a long prefill is many passes in one step: let the owner heartbeat
 
     def _finish(self, seq: Sequence, reason: str, out: list[ep.Done]) -> None:
         self.active.pop(seq.rid, None)

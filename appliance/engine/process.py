@@ -98,6 +98,20 @@ def _serve_one(sock: zmq.Socket, eng: Engine, send: Any, heartbeat_s: float) -> 
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     last_hb = 0.0
+
+    def beat() -> None:
+        """A heartbeat when one is due: between steps, and after each pass inside a step (a
+        resume of a long answer on a big model is a prefill of many passes, minutes on a CPU:
+        the head must see it progress, not take it for a stalled engine)."""
+        nonlocal last_hb
+        now = time.monotonic()
+        if now - last_hb >= heartbeat_s:
+            last_hb = now
+            send(ep.Heartbeat(active=len(eng.active), queued=len(eng.queue), steps=eng.steps, tokens=eng.tokens_out,
+                              prefilled=eng.prefilled, decodes=eng.decodes, drafted=eng.drafted,
+                              accepted=eng.accepted))
+
+    eng.on_decode = beat
     while True:
         events = dict(poller.poll(0 if eng.busy else int(heartbeat_s * 1000)))
         if sock in events:
@@ -111,12 +125,7 @@ def _serve_one(sock: zmq.Socket, eng: Engine, send: Any, heartbeat_s: float) -> 
                     return 0
         if eng.busy:
             eng.step()
-        now = time.monotonic()
-        if now - last_hb >= heartbeat_s:
-            last_hb = now
-            send(ep.Heartbeat(active=len(eng.active), queued=len(eng.queue), steps=eng.steps, tokens=eng.tokens_out,
-                              prefilled=eng.prefilled, decodes=eng.decodes, drafted=eng.drafted,
-                              accepted=eng.accepted))
+        beat()
 
 
 def _serve_lanes(sock: zmq.Socket, lanes: Lanes, send: Any, heartbeat_s: float) -> int:  # type: ignore[type-arg]

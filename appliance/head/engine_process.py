@@ -305,7 +305,9 @@ class EngineProcess:
             if msg.drafted > old.drafted:
                 self.on_drafts(msg.drafted - old.drafted, max(msg.accepted - old.accepted, 0))
             self.stats = msg
-            if not msg.active and not msg.queued:
+            # Idle, or a llama_decode pass finished since the last heartbeat (a long prefill
+            # sends no token for minutes but is not stalled).
+            if (not msg.active and not msg.queued) or msg.decodes > old.decodes:
                 self.last_progress_at = now
         elif self.state == EngineState.STOPPING:
             return  # a stopping engine's load progress or readiness no longer matters
