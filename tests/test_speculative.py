@@ -324,3 +324,26 @@ def test_the_draft_length_drops_to_zero_when_drafts_keep_failing() -> None:
     # Nothing to draft: no draft length.
     assert choose_length(rates=[0.99], avail=[0], k_max=8, cost=cheap) == 0
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_a_draft_model_s_pass_cost_is_not_its_prompt_catch_up(model_drafts: LocalEngine, tok: Tokenizer) -> None:
+    """The draft model reads a new request's whole prompt in its first drafting step; that
+    prefill is not what a drafting pass costs. Timing it (found in the LAN benchmark: a
+    perfect draft model never drafted, 0/0, because a pass seemed to take a prefill's time)
+    kept the adaptive length at zero. The recorded pass cost must be a few-token pass's."""
+    from appliance.engine.drafting import DraftModel, SpecState
+
+    model = model_drafts.engine.draft_model
+    assert isinstance(model, DraftModel)
+    prompt = tok.encode(PROMPTS["repeat"])
+    assert len(prompt) > 60
+    spec = SpecState.new(prompt)
+    slot = 3  # a slot no running request holds (the fixture's engine is idle between tests)
+    model.forget(slot)
+    model.passes, model.pass_s = 0, 0.0
+    t0 = time.perf_counter()
+    model.draft([(slot, spec)], 3)  # catch-up over the whole prompt, then two more guesses
+    took = time.perf_counter() - t0
+    model.forget(slot)
+    assert model.passes == 2, model.passes  # the guesses' passes are timed, the prefill is not
+    assert model.pass_s < took / 4, (model.pass_s, took)

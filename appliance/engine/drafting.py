@@ -334,7 +334,7 @@ class DraftModel:
             self.ll.llama_memory_seq_rm(self.mem, slot, keep, -1)
             spec.d_past = keep
 
-    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+    def _decode(self, items: list[tuple[int, int, int, bool]], *, timed: bool = True) -> None:
         b = self.batch
         b.n_tokens = len(items)
         for i, (tok, pos, seq_id, want) in enumerate(items):
@@ -347,6 +347,8 @@ class DraftModel:
         rc = self.ll.llama_decode(self.ctx, b)
         if rc != 0:
             raise DraftModelError(f"the draft model's llama_decode failed with code {rc}")
+        if not timed:
+            return
         dt = time.perf_counter() - t0
         self.passes += 1
         self.pass_s = dt if self.passes == 1 else 0.8 * self.pass_s + 0.2 * dt
@@ -372,9 +374,12 @@ class DraftModel:
                 pending.append((toks[pos], pos, slot, pos == len(toks) - 1))
                 owner.append(i)
             spec.d_past = len(toks)
+        # A catch-up over a whole prompt (or a long unseen stretch) is a prefill, not what a
+        # drafting step costs: timing it made pass_s seconds long and drafting never paid.
+        small = len(seqs) * (DRAFT_MAX_TOKENS + 1)
         for start in range(0, len(pending), self.N_BATCH):
             chunk = pending[start : start + self.N_BATCH]
-            self._decode(chunk)
+            self._decode(chunk, timed=len(chunk) <= small)
             for j, (_, _, _, want) in enumerate(chunk):
                 if want:
                     out[owner[start + j]].append(self._argmax(j))
