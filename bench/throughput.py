@@ -339,7 +339,19 @@ spent computing (its CPU time, one compute thread): with lanes off the workers t
 (their fractions add up to about one), with lanes they overlap. *head+engine cores* is what
 the head and its engine used meanwhile (sampling, graphs, HTTP): on this machine it comes out
 of the same two cores the workers compute on, which is why two local workers cannot reach 2x
-here; on separate boxes that cost is the head's own."""
+here; on separate boxes that cost is the head's own.
+
+Why the targets are missed here, and what follows. With one context the workers already sit
+idle most of the window (demo model: 20-45 % busy each), and lanes raise that only a little:
+what serialises them on this machine is not the pipeline but the two cores that the head, its
+engine threads, every RPC server and the clients share, plus llama.cpp's per-step costs that
+grow with lanes (graph reuse is off with more than one lane: every step rebuilds and resends
+its graph). On the 1 GB stack the last worker, which computes the 49k-token output layer for
+every token, is 60-90 % busy and caps the pipeline whatever the lanes do (the memory-balanced
+plan does not weigh that layer's compute). So lanes stay off by default (`--lanes 1`; the
+single stream with lanes on measured 0.93-0.99x), and `--lanes auto` or `--lanes N` is for
+clusters of separate boxes, where the verdict lines above estimate the ceiling from each
+worker's own compute per token."""
 
 
 # ------------------------------------------------------------ main
