@@ -151,3 +151,16 @@ def node_dealer(cluster, name: str):  # type: ignore[no-untyped-def]
     s.setsockopt(zmq.RCVTIMEO, 10_000)
     s.connect(cluster.control)
     return s
+
+
+# Texts speculative decoding is tested on (tests/test_speculative*.py): input-grounded tasks copy them.
+ARTICLE = (
+    "The town council met on Tuesday evening to review the budget for the new library on Mill Street. "
+    "After a long discussion, the members agreed to fund a children's reading room, a computer lab with "
+    "twelve machines and longer opening hours on Saturdays and Sundays. The mayor, Ruth Okafor, said the "
+    "library would open in March next year and that the old building would become a community centre."
+)
+CODE = (
+    "def total(items):\n    result = 0\n    for item in items:\n        result = result + item.price * item.count\n"
+    "    return result\n"
+)

@@ -39,20 +39,10 @@ from appliance.engine.drafting import (
 from appliance.engine.engine import Engine
 from appliance.engine.lanes import Lanes
 from appliance.head.text import Tokenizer
-from helpers import derive_vocab_model
+from helpers import ARTICLE, CODE, derive_vocab_model
 
 N_CTX = 1024
 
-ARTICLE = (
-    "The town council met on Tuesday evening to review the budget for the new library on Mill Street. "
-    "After a long discussion, the members agreed to fund a children's reading room, a computer lab with "
-    "twelve machines and longer opening hours on Saturdays and Sundays. The mayor, Ruth Okafor, said the "
-    "library would open in March next year and that the old building would become a community centre."
-)
-CODE = (
-    "def total(items):\n    result = 0\n    for item in items:\n        result = result + item.price * item.count\n"
-    "    return result\n"
-)
 
 
 def chat(text: str) -> str:

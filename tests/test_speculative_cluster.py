@@ -24,23 +24,13 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import derive_vocab_model, served_model
+from helpers import ARTICLE, CODE, derive_vocab_model, served_model
 from openai import OpenAI
 
 from appliance.cli.up import LocalCluster
 
 pytestmark = pytest.mark.slow
 
-ARTICLE = (
-    "The town council met on Tuesday evening to review the budget for the new library on Mill Street. "
-    "After a long discussion, the members agreed to fund a children's reading room, a computer lab with "
-    "twelve machines and longer opening hours on Saturdays and Sundays. The mayor, Ruth Okafor, said the "
-    "library would open in March next year and that the old building would become a community centre."
-)
-CODE = (
-    "def total(items):\n    result = 0\n    for item in items:\n        result = result + item.price * item.count\n"
-    "    return result\n"
-)
 REPEAT = [{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{ARTICLE}"}]
 EDIT = [{"role": "user", "content": f"Rename the function to compute_total and keep everything else:\n\n{CODE}"}]
 STORY = [{"role": "user", "content": "Tell me a story about a fox."}]

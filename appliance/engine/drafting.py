@@ -48,6 +48,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from appliance.engine.batch import fill_batch
+
 from appliance.common.config import DEFAULT_DRAFT_MAX_TOKENS as DRAFT_MAX_TOKENS  # noqa: F401 - re-exported
 
 NGRAM_SIZES = (4, 3, 2)
@@ -335,16 +337,9 @@ class DraftModel:
             spec.d_past = keep
 
     def _decode(self, items: list[tuple[int, int, int, bool]], *, timed: bool = True) -> None:
-        b = self.batch
-        b.n_tokens = len(items)
-        for i, (tok, pos, seq_id, want) in enumerate(items):
-            b.token[i] = tok
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq_id
-            b.logits[i] = 1 if want else 0
+        fill_batch(self.batch, items)
         t0 = time.perf_counter()
-        rc = self.ll.llama_decode(self.ctx, b)
+        rc = self.ll.llama_decode(self.ctx, self.batch)
         if rc != 0:
             raise DraftModelError(f"the draft model's llama_decode failed with code {rc}")
         if not timed:

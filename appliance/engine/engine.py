@@ -44,6 +44,7 @@ import numpy as np
 from appliance.common import engine_protocol as ep
 from appliance.common.dataplane import TunnelSpec
 from appliance.core.planner import Plan
+from appliance.engine.batch import fill_batch
 from appliance.engine.drafting import (
     DRAFT_MAX_TOKENS,
     DRAFT_PROBE_EVIDENCE_TOKENS,
@@ -273,14 +274,7 @@ class Engine:
             seq.sampler = None
 
     def _fill(self, items: list[tuple[int, int, int, bool]]) -> None:
-        b = self.batch
-        b.n_tokens = len(items)
-        for i, (tok, pos, seq_id, want) in enumerate(items):
-            b.token[i] = tok
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq_id
-            b.logits[i] = 1 if want else 0
+        fill_batch(self.batch, items)
 
     def _decode(self) -> None:
         rc = self.ll.llama_decode(self.ctx, self.batch)
